@@ -1,0 +1,22 @@
+"""reroute: test-time adaptation of the expert routing of transformers Mixture-of-Experts models."""
+
+from reroute.arch import FamilyAdapter, UnsupportedModelError, register_family, supported_families
+from reroute.arch import rules
+from reroute.attach import OffsetTable, RoutedModel, attach
+from reroute.routing import ExpertMask, RoutingPolicy, Trace
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ExpertMask",
+    "FamilyAdapter",
+    "OffsetTable",
+    "RoutedModel",
+    "RoutingPolicy",
+    "Trace",
+    "UnsupportedModelError",
+    "attach",
+    "register_family",
+    "rules",
+    "supported_families",
+]

@@ -1,0 +1,7 @@
+"""Routing control: per-layer state (offsets, policies, masks, C3PO re-mixing) and the trace recorder."""
+
+from reroute.routing.layer import LayerRouting, Mixing, RoutingContext
+from reroute.routing.policy import ExpertMask, RoutingPolicy
+from reroute.routing.trace import RoutingRecord, Trace
+
+__all__ = ["ExpertMask", "LayerRouting", "Mixing", "RoutingContext", "RoutingPolicy", "RoutingRecord", "Trace"]

@@ -1,0 +1,248 @@
+"""Per-MoE-layer routing control: the state that changes routing and the router forward that applies it.
+
+An attached router's class is swapped for a subclass whose ``forward`` calls :class:`LayerRouting`; the
+module object, its parameters, its hooks (transformers' ``output_router_logits`` recorder included) and the
+model's ``state_dict`` stay exactly as they were. With all state at zero the forward is the family's rule op
+for op, so the model is bit-identical to the unattached one.
+
+Order of operations for a call on ``T = batch * seq`` tokens:
+
+1. ``logits = rule.logits(hidden)`` (the family's projection) ``+ offsets[E] + row_offsets[row, E]``;
+2. ``rule.route(logits)`` — the family's own top-k, used as is when nothing else is set;
+3. where a policy, a mask or re-mixing weights apply, the generic path (``policy.select``) replaces the
+   affected tokens' selection: scores -> C3PO re-mixing at the chosen positions -> choice (+mask) -> selection
+   -> weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from reroute.arch import FamilyAdapter
+from reroute.routing.policy import ExpertMask, RoutingPolicy, select
+
+if TYPE_CHECKING:
+    from reroute.routing.trace import Trace
+
+
+class RoutingContext:
+    """Facts about the current model forward that a router cannot see from its flattened input.
+
+    Filled by a forward pre-hook on the decoder stack: ``batch_size`` and ``seq_len`` of the call, and the
+    number of tokens already in the KV cache (``past_length``, computed only when re-mixing needs positions).
+    """
+
+    def __init__(self) -> None:
+        self.batch_size: int | None = None
+        self.seq_len: int | None = None
+        self.past_length: int = 0
+        self.traces: list[Trace] = []
+
+    def clear(self) -> None:
+        self.batch_size = None
+        self.seq_len = None
+        self.past_length = 0
+
+
+@dataclass
+class Mixing:
+    """C3PO re-mixing state for one layer (paper §3): at the given positions, the routing mass of the core
+    experts is redistributed as ``softmax(logits)``.
+
+    Shapes: ``experts`` long ``[R, C]``, ``logits`` float ``[R, C]``, ``positions`` long ``[R, n]`` (absolute
+    token positions in the sequence, counting padding; ``-1`` pads). ``R`` is 1 (shared by all rows) or the
+    number of batch rows.
+    """
+
+    experts: torch.Tensor
+    logits: torch.Tensor
+    positions: torch.Tensor
+
+
+def expand_rows(state: torch.Tensor, rows: int, what: str) -> torch.Tensor:
+    """Match per-row state ``[R, ...]`` to a forward of ``rows`` rows.
+
+    ``R == rows``: as is; ``R == 1``: broadcast; ``rows`` a multiple of ``R``: each row repeated in place, the
+    layout ``generate()`` makes for ``num_return_sequences`` and beam search (``repeat_interleave``).
+    """
+    if state.shape[0] == rows:
+        return state
+    if state.shape[0] == 1:
+        return state.expand(rows, *state.shape[1:])
+    if rows % state.shape[0] == 0:
+        return state.repeat_interleave(rows // state.shape[0], dim=0)
+    raise ValueError(
+        f"{what} has {state.shape[0]} rows but the forward has {rows} rows (not a multiple); "
+        "set per-row state for the batch you run"
+    )
+
+
+class LayerRouting:
+    """Routing state and forward of one MoE layer.
+
+    Attributes:
+        layer_idx: index of the decoder layer in ``model.model.layers``.
+        offsets: learnable additive router-logit offsets ``[E]`` (float32, zero at attach).
+        row_offsets: per-row offsets ``[B, E]`` or ``None``.
+        policy: routing policy or ``None`` (the family's own top-k); ``policy_rows`` (bool ``[B]``) limits it to rows.
+        mask: expert mask or ``None``.
+        mixing: C3PO re-mixing state or ``None``.
+    """
+
+    def __init__(
+        self,
+        layer_idx: int,
+        router: nn.Module,
+        adapter: FamilyAdapter,
+        context: RoutingContext,
+        output_order: tuple[int, int, int],
+    ) -> None:
+        self.layer_idx = layer_idx
+        self.router = router
+        self.adapter = adapter
+        self.rule = adapter.rule
+        self.context = context
+        self.output_order = output_order
+        self.num_experts = int(router.num_experts)
+        self.top_k = int(router.top_k)
+        self.offsets = nn.Parameter(torch.zeros(self.num_experts, device=router.weight.device, dtype=torch.float32))
+        self.row_offsets: torch.Tensor | None = None
+        self.policy: RoutingPolicy | None = None
+        self.policy_rows: torch.Tensor | None = None
+        self.mask: ExpertMask | None = None
+        self.mixing: Mixing | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.router.weight.device
+
+    @property
+    def width(self) -> int:
+        """Experts per token under the current policy (the family's top-k without one)."""
+        return self.policy.width(self.num_experts, self.top_k) if self.policy is not None else self.top_k
+
+    def reset(self) -> None:
+        """Back to the original routing: zero offsets, no per-row state, policy, mask or re-mixing."""
+        with torch.no_grad():
+            self.offsets.zero_()
+        self.row_offsets = None
+        self.policy = None
+        self.policy_rows = None
+        self.mask = None
+        self.mixing = None
+
+    def batch_shape(self, num_tokens: int) -> tuple[int, int]:
+        """``(batch, seq)`` of the current call; only known inside a model forward."""
+        batch, seq = self.context.batch_size, self.context.seq_len
+        if batch is None or seq is None or batch * seq != num_tokens:
+            raise RuntimeError(
+                f"layer {self.layer_idx}: per-row routing state needs the batch layout, which is only known when "
+                "the router runs inside a forward of the attached model"
+            )
+        return batch, seq
+
+    def __call__(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        router, rule = self.router, self.rule
+        logits = self._add_offsets(rule.logits(router, hidden_states))
+        weights, indices = rule.route(router, logits, hidden_states.dtype)
+        if self.policy is not None or self.mask is not None or self.mixing is not None:
+            weights, indices = self._reroute(logits, weights, indices)
+        for trace in self.context.traces:
+            trace.record(self, logits, weights, indices)
+        out = (logits, weights, indices)
+        return tuple(out[i] for i in self.output_order)
+
+    def _add_offsets(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.offsets.device != logits.device:
+            raise RuntimeError(
+                f"layer {self.layer_idx}: routing state is on {self.offsets.device} but the layer runs on "
+                f"{logits.device}; call rm.to(device) after moving the model"
+            )
+        # Same dtype as the logits, so that zero offsets are an exact no-op.
+        logits = logits + self.offsets.to(logits.dtype)
+        if self.row_offsets is not None:
+            batch, seq = self.batch_shape(logits.shape[0])
+            rows = expand_rows(self.row_offsets, batch, "row offsets").to(logits.dtype)
+            logits = (logits.view(batch, seq, -1) + rows[:, None, :]).view(batch * seq, -1)
+        return logits
+
+    def _token_rows(self, state: torch.Tensor, num_tokens: int, what: str) -> torch.Tensor:
+        """Per-row state ``[R, ...]`` spread to tokens ``[T, ...]``."""
+        if state.shape[0] == 1:
+            return state.expand(num_tokens, *state.shape[1:])
+        batch, seq = self.batch_shape(num_tokens)
+        return expand_rows(state, batch, what).repeat_interleave(seq, dim=0)
+
+    def _mixing_tokens(self, num_tokens: int) -> torch.Tensor:
+        """Bool ``[T]``: tokens whose absolute position is one of their row's re-mixing positions."""
+        mixing = self.mixing
+        assert mixing is not None
+        batch, seq = self.batch_shape(num_tokens)
+        positions = expand_rows(mixing.positions, batch, "re-mixing positions")
+        absolute = self.context.past_length + torch.arange(seq, device=positions.device)
+        hit = (absolute[None, :, None] == positions[:, None, :]).any(dim=-1)
+        return hit.reshape(num_tokens)
+
+    def _apply_mixing(self, scores: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        mixing = self.mixing
+        assert mixing is not None
+        num_tokens = scores.shape[0]
+        core = self._token_rows(mixing.experts, num_tokens, "re-mixing experts")
+        omega = torch.softmax(self._token_rows(mixing.logits, num_tokens, "re-mixing logits").float(), dim=-1)
+        mass = scores.gather(1, core).sum(dim=-1, keepdim=True)
+        mixed = scores.scatter(1, core, mass * omega)
+        return torch.where(tokens[:, None], mixed, scores)
+
+    def _reroute(
+        self, logits: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        router, rule = self.router, self.rule
+        num_tokens = logits.shape[0]
+        scores = rule.scores(router, logits)
+        mixed_tokens = None
+        if self.mixing is not None:
+            mixed_tokens = self._mixing_tokens(num_tokens)
+            scores = self._apply_mixing(scores, mixed_tokens)
+        out_dtype = weights.dtype
+        policy_tokens = None
+        if self.policy is not None and self.policy_rows is not None:
+            policy_tokens = self._token_rows(self.policy_rows[:, None], num_tokens, "policy rows")[:, 0]
+        # Tokens outside the policy keep the family's top-k; they need the generic path only if a mask or
+        # re-mixing touches them.
+        if (self.mask is not None or mixed_tokens is not None) and (self.policy is None or policy_tokens is not None):
+            generic_w, generic_i = select(rule, router, scores, None, self.mask)
+            use = mixed_tokens if self.mask is None else None
+            weights, indices = _merge(use, generic_w.to(out_dtype), generic_i, weights, indices)
+        if self.policy is not None:
+            policy_w, policy_i = select(rule, router, scores, self.policy, self.mask)
+            weights, indices = _merge(policy_tokens, policy_w.to(out_dtype), policy_i, weights, indices)
+        return weights, indices
+
+
+def _merge(
+    use: torch.Tensor | None,
+    new_w: torch.Tensor,
+    new_i: torch.Tensor,
+    old_w: torch.Tensor,
+    old_i: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Take ``new`` where ``use`` (bool ``[T]``, ``None`` = everywhere) else ``old``; widths may differ."""
+    if use is None:
+        return new_w, new_i
+    width = max(new_w.shape[1], old_w.shape[1])
+    new_w, new_i = _pad(new_w, new_i, width)
+    old_w, old_i = _pad(old_w, old_i, width)
+    return torch.where(use[:, None], new_w, old_w), torch.where(use[:, None], new_i, old_i)
+
+
+def _pad(weights: torch.Tensor, indices: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad to ``width`` slots with zero-weight copies of the first expert (a no-op for every experts backend)."""
+    extra = width - weights.shape[1]
+    if extra == 0:
+        return weights, indices
+    pad_i = indices[:, :1].expand(-1, extra)
+    return torch.cat([weights, weights.new_zeros(weights.shape[0], extra)], 1), torch.cat([indices, pad_i], 1)
