@@ -1,7 +1,6 @@
 """reroute: test-time adaptation of the expert routing of transformers Mixture-of-Experts models."""
 
-from reroute.arch import FamilyAdapter, UnsupportedModelError, register_family, supported_families
-from reroute.arch import rules
+from reroute.arch import FamilyAdapter, UnsupportedModelError, register_family, rules, supported_families
 from reroute.attach import OffsetTable, RoutedModel, attach
 from reroute.routing import ExpertMask, RoutingPolicy, Trace
 

@@ -214,7 +214,9 @@ class RoutedModel:
         return OffsetTable(self)
 
     # ----------------------------------------------------------------------------------------------- state
-    def set_offsets(self, values: Mapping[int, torch.Tensor] | torch.Tensor, layers: Sequence[int] | None = None) -> None:
+    def set_offsets(
+        self, values: Mapping[int, torch.Tensor] | torch.Tensor, layers: Sequence[int] | None = None
+    ) -> None:
         """Set layer offsets: ``{layer: [E]}``, or a ``[num_layers, E]`` tensor for ``layers`` (default: all MoE
         layers). Everything is validated before anything changes."""
         self._check_attached()
@@ -326,7 +328,9 @@ class RoutedModel:
         if experts.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.bool):
             raise TypeError("experts must be integer expert indices")
         experts = experts.long().reshape(-1, experts.shape[-1]) if experts.dim() else experts.long().reshape(1, 1)
-        positions = positions.long().reshape(-1, positions.shape[-1]) if positions.dim() else positions.long().reshape(1, 1)
+        positions = (
+            positions.long().reshape(-1, positions.shape[-1]) if positions.dim() else positions.long().reshape(1, 1)
+        )
         if experts.dim() != 2 or experts.shape[1] == 0:
             raise ValueError("experts must be [C] or [B, C] with C >= 1")
         if ((experts < 0) | (experts >= target.num_experts)).any():
@@ -336,6 +340,7 @@ class RoutedModel:
         if logits is not None and weights is not None:
             raise ValueError("pass either logits or weights, not both")
         if weights is not None:
+            weights = weights[None] if weights.dim() == 1 else weights
             _check_tensor(weights, (0, experts.shape[1]), device, "re-mixing weights", allow_rows=True)
             if (weights < 0).any() or (weights.sum(dim=-1) <= 0).any():
                 raise ValueError("re-mixing weights must be non-negative with a positive sum per row")
@@ -404,7 +409,9 @@ class RoutedModel:
                 layer.policy_rows = layer.policy_rows.to(layer.device)
             if layer.mixing is not None:
                 m = layer.mixing
-                layer.mixing = Mixing(m.experts.to(layer.device), m.logits.to(layer.device), m.positions.to(layer.device))
+                layer.mixing = Mixing(
+                    m.experts.to(layer.device), m.logits.to(layer.device), m.positions.to(layer.device)
+                )
         return self
 
     # ----------------------------------------------------------------------------------------------- save / load
@@ -431,8 +438,8 @@ class RoutedModel:
             "format": "reroute-routing-state",
             "version": FORMAT_VERSION,
             "fingerprint": self.fingerprint(),
-            "policies": {str(i): l.policy.to_dict() for i, l in self.layers.items() if l.policy is not None},
-            "masks": {str(i): l.mask.to_dict() for i, l in self.layers.items() if l.mask is not None},
+            "policies": {str(i): c.policy.to_dict() for i, c in self.layers.items() if c.policy is not None},
+            "masks": {str(i): c.mask.to_dict() for i, c in self.layers.items() if c.mask is not None},
         }
         save_file(tensors, str(directory / STATE_FILE))
         (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
@@ -454,12 +461,19 @@ class RoutedModel:
         if config.get("format") != "reroute-routing-state":
             raise ValueError(f"{config_path} is not a reroute routing state")
         if config.get("version", 0) > FORMAT_VERSION:
-            raise ValueError(f"{config_path} has format version {config['version']}; this reroute reads {FORMAT_VERSION}")
+            raise ValueError(
+                f"{config_path} has format version {config['version']}; this reroute reads {FORMAT_VERSION}"
+            )
         saved, mine = config.get("fingerprint"), self.fingerprint()
         if saved != mine:
-            diff = {k: (saved.get(k) if isinstance(saved, dict) else None, v) for k, v in mine.items()
-                    if not isinstance(saved, dict) or saved.get(k) != v}
-            raise ValueError(f"routing state in {directory} was saved for another architecture: (saved, this model) = {diff}")
+            diff = {
+                k: (saved.get(k) if isinstance(saved, dict) else None, v)
+                for k, v in mine.items()
+                if not isinstance(saved, dict) or saved.get(k) != v
+            }
+            raise ValueError(
+                f"routing state in {directory} was saved for another architecture: (saved, this model) = {diff}"
+            )
         tensors = load_file(str(state_path))
         offsets = {}
         for idx, layer in self.layers.items():
@@ -469,10 +483,19 @@ class RoutedModel:
             offsets[idx] = tensors[key].to(device=layer.device, dtype=torch.float32)
         policies = {int(k): RoutingPolicy(**v) for k, v in config.get("policies", {}).items()}
         masks = {int(k): ExpertMask(**{f: tuple(x) for f, x in v.items()}) for k, v in config.get("masks", {}).items()}
+        # validate everything before changing anything
+        for idx, layer in self.layers.items():
+            _check_tensor(offsets[idx], (layer.num_experts,), layer.device, f"offsets.{idx} in {state_path}")
+            policy, mask = policies.get(idx), masks.get(idx)
+            if policy is not None:
+                policy.check(layer.num_experts)
+            if mask is not None:
+                width = policy.width(layer.num_experts, layer.top_k) if policy is not None else layer.top_k
+                mask.check(layer.num_experts, width)
+        self.reset()
         self.set_offsets(offsets)
         for idx, layer in self.layers.items():
-            self.set_mask(masks.get(idx), idx)
-            self.set_policy(policies.get(idx), idx)
+            layer.policy, layer.mask = policies.get(idx), masks.get(idx)
         return self
 
     def __repr__(self) -> str:

@@ -113,6 +113,7 @@ TINY_CONFIGS: dict[str, tuple[str, str, dict[str, object]]] = {
             "head_dim": 8,
             "sliding_window": 16,
             "layer_types": ["sliding_attention", "full_attention", "sliding_attention"],
+            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
         },
     ),
     "granitemoe": (

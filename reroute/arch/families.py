@@ -39,10 +39,11 @@ for _adapter in (
     ),
     # sigmoid + e_score_correction_bias + group-limited top-k + renorm + routed_scaling_factor
     FamilyAdapter(
-        "deepseek_v3", "DeepSeek-V3", f"{_T}.deepseek_v3.modeling_deepseek_v3.DeepseekV3TopkRouter", SigmoidGroupLimited()
+        "deepseek_v3",
+        "DeepSeek-V3",
+        f"{_T}.deepseek_v3.modeling_deepseek_v3.DeepseekV3TopkRouter",
+        SigmoidGroupLimited(),
     ),
-    FamilyAdapter(
-        "glm4_moe", "GLM-4-MoE", f"{_T}.glm4_moe.modeling_glm4_moe.Glm4MoeTopkRouter", SigmoidGroupLimited()
-    ),
+    FamilyAdapter("glm4_moe", "GLM-4-MoE", f"{_T}.glm4_moe.modeling_glm4_moe.Glm4MoeTopkRouter", SigmoidGroupLimited()),
 ):
     register_family(_adapter)

@@ -187,7 +187,10 @@ class LayerRouting:
         hit = (absolute[None, :, None] == positions[:, None, :]).any(dim=-1)
         return hit.reshape(num_tokens)
 
-    def _apply_mixing(self, scores: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    def _apply_mixing(
+        self, scores: torch.Tensor, tokens: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Re-mixed scores ``[T, E]``, and per token the core experts ``[T, C]`` and their mixture ``omega [T, C]``."""
         mixing = self.mixing
         assert mixing is not None
         num_tokens = scores.shape[0]
@@ -195,7 +198,27 @@ class LayerRouting:
         omega = torch.softmax(self._token_rows(mixing.logits, num_tokens, "re-mixing logits").float(), dim=-1)
         mass = scores.gather(1, core).sum(dim=-1, keepdim=True)
         mixed = scores.scatter(1, core, mass * omega)
-        return torch.where(tokens[:, None], mixed, scores)
+        return torch.where(tokens[:, None], mixed, scores), core, omega
+
+    def _core_gradient_slots(
+        self,
+        weights: torch.Tensor,
+        indices: torch.Tensor,
+        tokens: torch.Tensor,
+        core: torch.Tensor,
+        omega: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Straight-through slots so that every core expert's mixing logit gets a gradient.
+
+        Where the family renormalises the selected weights, the softmax normaliser over the core cancels and the
+        exact gradient reaches only the selected experts. We append the core experts with weight
+        ``omega - omega.detach()``: zero in the forward (outputs unchanged bit for bit), and in the backward the
+        gradient of a dense mixture of the core. Costs C extra expert slots per token of this layer while
+        gradients are being taken.
+        """
+        dense = omega * self.rule.scaling(self.router)
+        straight_through = (dense - dense.detach()) * tokens[:, None]
+        return torch.cat([weights, straight_through.to(weights.dtype)], 1), torch.cat([indices, core], 1)
 
     def _reroute(
         self, logits: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor
@@ -203,10 +226,10 @@ class LayerRouting:
         router, rule = self.router, self.rule
         num_tokens = logits.shape[0]
         scores = rule.scores(router, logits)
-        mixed_tokens = None
+        mixed_tokens = core = omega = None
         if self.mixing is not None:
             mixed_tokens = self._mixing_tokens(num_tokens)
-            scores = self._apply_mixing(scores, mixed_tokens)
+            scores, core, omega = self._apply_mixing(scores, mixed_tokens)
         out_dtype = weights.dtype
         policy_tokens = None
         if self.policy is not None and self.policy_rows is not None:
@@ -220,6 +243,13 @@ class LayerRouting:
         if self.policy is not None:
             policy_w, policy_i = select(rule, router, scores, self.policy, self.mask)
             weights, indices = _merge(policy_tokens, policy_w.to(out_dtype), policy_i, weights, indices)
+        if (
+            omega is not None
+            and torch.is_grad_enabled()
+            and self.mixing.logits.requires_grad
+            and self.rule.renormalizes(router)
+        ):
+            weights, indices = self._core_gradient_slots(weights, indices, mixed_tokens, core, omega)
         return weights, indices
 
 

@@ -142,6 +142,7 @@ def select(
         # keep expert j while the mass before it is still below p: the shortest prefix reaching p, at least one
         keep = (mass.cumsum(dim=-1) - mass) < policy.top_p
         keep[:, 0] = True
+        keep &= ranked != float("-inf")
         weights = rule.finalize(router, scores, indices, renormalize=policy.renormalize, keep=keep)
         indices = torch.where(keep, indices, indices[:, :1])
     else:

@@ -42,9 +42,7 @@ class Trace:
         self.device = device
         self.records: dict[int, list[RoutingRecord]] = {idx: [] for idx in layers}
 
-    def record(
-        self, layer: LayerRouting, logits: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor
-    ) -> None:
+    def record(self, layer: LayerRouting, logits: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> None:
         batch, seq = layer.context.batch_size, layer.context.seq_len
         if batch is None or seq is None or batch * seq != logits.shape[0]:
             batch, seq = 1, logits.shape[0]

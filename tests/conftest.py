@@ -1,0 +1,39 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from reroute.testing import TINY_CONFIGS, tiny_model
+
+FAMILIES = sorted(TINY_CONFIGS)
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(params=FAMILIES)
+def family(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+@pytest.fixture
+def model(family: str) -> torch.nn.Module:
+    return tiny_model(family)
+
+
+@pytest.fixture
+def tokens() -> torch.Tensor:
+    generator = torch.Generator().manual_seed(0)
+    return torch.randint(3, 96, (2, 9), generator=generator)
+
+
+def capture_router_inputs(rm) -> tuple[dict[int, torch.Tensor], list]:
+    """Forward pre-hooks recording each MoE layer's router input ``[T, H]`` (last call wins)."""
+    inputs: dict[int, torch.Tensor] = {}
+    handles = []
+    for idx, layer in rm.layers.items():
+
+        def hook(module, args, idx=idx):
+            inputs[idx] = args[0].detach().reshape(-1, args[0].shape[-1])
+
+        handles.append(layer.router.register_forward_pre_hook(hook))
+    return inputs, handles
