@@ -22,9 +22,10 @@ def test_identity_logits_router_logits_and_generation(model, tokens):
     rm.set_offsets(torch.zeros(len(rm.layers), rm.num_experts))  # explicit zero state
     attached = _forward(model, tokens)
     assert torch.equal(attached.logits, reference.logits)
-    assert len(attached.router_logits) == len(reference.router_logits) == len(rm.layers)
-    for a, b in zip(attached.router_logits, reference.router_logits):
-        assert torch.equal(a, b)
+    if getattr(reference, "router_logits", None) is not None:  # DeepSeek-V2 records none before 5.24
+        assert len(attached.router_logits) == len(reference.router_logits) == len(rm.layers)
+        for a, b in zip(attached.router_logits, reference.router_logits):
+            assert torch.equal(a, b)
     assert torch.equal(model.generate(tokens, max_new_tokens=6, do_sample=False), generated)
 
 
@@ -82,6 +83,8 @@ def test_router_logits_recording_sees_offsets(model, tokens):
     rm = reroute.attach(model)
     layer = rm.moe_layers[-1]
     offsets = torch.randn(rm.num_experts)
+    if getattr(_forward(model, tokens), "router_logits", None) is None:
+        pytest.skip("this transformers version records no router logits for this family")
     base = _forward(model, tokens).router_logits[-1]
     rm.set_offsets({layer: offsets})
     shifted = _forward(model, tokens).router_logits[-1]
