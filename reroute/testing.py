@@ -168,3 +168,16 @@ def tiny_model(family: str, seed: int = 0, dtype: torch.dtype = torch.float32) -
             if name.endswith("e_score_correction_bias"):
                 buf.normal_(0.0, 0.1)
     return model
+
+
+def tiny_tokenizer(vocab_size: int = 96) -> transformers.PreTrainedTokenizerFast:
+    """A word-level tokenizer matching the tiny models' vocabulary: ``<pad>``=0, ``<bos>``=1, ``<eos>``=2 and
+    the words ``w3 ... w{vocab_size-1}``, split on whitespace."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"<pad>": 0, "<bos>": 1, "<eos>": 2, **{f"w{i}": i for i in range(3, vocab_size)}}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<pad>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>"
+    )

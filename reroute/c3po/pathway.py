@@ -1,0 +1,118 @@
+"""Which routing C3PO optimises: critical layers, core experts, and the re-mixing state per item.
+
+C3PO (arXiv 2504.07964) §3.5: only the last prompt token's routing weights, in the last few MoE layers
+("critical layers", default 5), over each item's top-n experts by the router's own ranking ("core experts",
+default 20 of OLMoE's 64) are free variables. The weights are parametrised as mixing logits over the core, so
+``softmax`` keeps them a distribution and gradients reach every core expert.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from reroute.attach import RoutedModel
+
+
+def critical_layers(rm: RoutedModel, spec: int | float | Sequence[int]) -> list[int]:
+    """Decoder-layer indices of the critical layers.
+
+    ``spec``: an int ``n`` (the last ``n`` MoE layers), a float in (0, 1] (that fraction of the MoE layers,
+    at least one, counted from the end) or an explicit list of MoE layer indices.
+    """
+    layers = rm.moe_layers
+    if isinstance(spec, bool):
+        raise TypeError("critical layers must be an int, a fraction or a list of layer indices")
+    if isinstance(spec, int):
+        if not 1 <= spec <= len(layers):
+            raise ValueError(f"critical layers: {spec} is not in [1, {len(layers)}] (the model's MoE layers)")
+        return layers[-spec:]
+    if isinstance(spec, float):
+        if not 0.0 < spec <= 1.0:
+            raise ValueError(f"critical layer fraction must be in (0, 1], got {spec}")
+        return layers[-max(1, round(spec * len(layers))) :]
+    chosen = sorted({int(i) for i in spec})
+    for idx in chosen:
+        rm.layer(idx)  # raises for a layer that is not an MoE layer
+    if not chosen:
+        raise ValueError("critical layers: empty list")
+    return chosen
+
+
+def core_size(num_experts: int, spec: int | float) -> int:
+    """Number of core experts: an int, or a fraction of ``num_experts`` (at least one)."""
+    if isinstance(spec, bool):
+        raise TypeError("core experts must be an int or a fraction")
+    if isinstance(spec, float):
+        if not 0.0 < spec <= 1.0:
+            raise ValueError(f"core expert fraction must be in (0, 1], got {spec}")
+        return max(1, round(spec * num_experts))
+    if not 1 <= spec <= num_experts:
+        raise ValueError(f"core experts: {spec} is not in [1, {num_experts}]")
+    return int(spec)
+
+
+@dataclass
+class Pathway:
+    """Per-item re-mixing state over the critical layers.
+
+    Attributes:
+        layers: critical decoder-layer indices.
+        experts: ``{layer: [B, C]}`` core expert indices per item.
+        logits: ``{layer: [B, C]}`` mixing logits (float32); ``softmax`` gives the core's mixture ω.
+    """
+
+    layers: list[int]
+    experts: dict[int, torch.Tensor]
+    logits: dict[int, torch.Tensor]
+
+    @property
+    def rows(self) -> int:
+        return next(iter(self.experts.values())).shape[0]
+
+    def omega(self, layer: int) -> torch.Tensor:
+        """Mixture over the core ``[B, C]``."""
+        return torch.softmax(self.logits[layer].float(), dim=-1)
+
+    def detached(self) -> Pathway:
+        return Pathway(
+            list(self.layers),
+            {k: v.detach().clone() for k, v in self.experts.items()},
+            {k: v.detach().clone() for k, v in self.logits.items()},
+        )
+
+    def select(self, rows: torch.Tensor | Sequence[int]) -> Pathway:
+        """The pathway of a subset of items (``rows`` indices or bool mask)."""
+        rows = torch.as_tensor(rows)
+        return Pathway(
+            list(self.layers),
+            {k: v[rows] for k, v in self.experts.items()},
+            {k: v[rows] for k, v in self.logits.items()},
+        )
+
+    def apply(self, rm: RoutedModel, positions: torch.Tensor) -> None:
+        """Install the re-mixing on ``rm`` at ``positions`` (``[B, n]`` absolute positions, or ``[1, n]``)."""
+        for layer in self.layers:
+            device = rm.layer(layer).device
+            rm.set_mixing(
+                layer,
+                experts=self.experts[layer].to(device),
+                positions=positions.to(device),
+                logits=self.logits[layer].to(device),
+            )
+
+
+def own_pathway(scores: dict[int, torch.Tensor], layers: Sequence[int], n_core: int) -> Pathway:
+    """The router's own routing as a pathway: core = top-``n_core`` experts by score, logits = log of their
+    normalised scores (so applying it reproduces the original routing).
+
+    ``scores``: ``{layer: [B, E]}`` per-expert routing scores at the re-mixed token.
+    """
+    experts, logits = {}, {}
+    for layer in layers:
+        top = scores[layer].float().topk(n_core, dim=-1)
+        experts[layer] = top.indices
+        logits[layer] = top.values.clamp(min=1e-30).log()
+    return Pathway(list(layers), experts, logits)

@@ -1,0 +1,168 @@
+"""The evaluation harness: accuracy of a method on a list of items, with a bootstrap interval and costs.
+
+``run_eval`` answers items in batches with one method (multiple choice by log-likelihood, or exact-match
+generation), and returns an :class:`EvalResult` whose ``to_json()`` is the record scripts and plots read.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from reroute.attach import RoutedModel
+from reroute.eval.methods import Item
+
+
+@dataclass
+class EvalResult:
+    """One run of one method on one split.
+
+    Attributes:
+        method, split, mode: what was run (``mode`` is ``"mc"`` or ``"gen"``).
+        n: items scored.
+        accuracy: share answered correctly.
+        ci95: 95% percentile-bootstrap interval ``[low, high]`` of the accuracy.
+        seconds_per_item: wall time per item (adaptation included).
+        experts_per_token: mean experts with non-zero weight per routed token, over every forward the method ran.
+        per_domain: accuracy per item domain, when items carry one.
+        stats: method-specific costs (e.g. forward/backward passes per item).
+        correct: per-item correctness, in item order.
+    """
+
+    method: str
+    split: str
+    mode: str
+    n: int
+    accuracy: float
+    ci95: list[float]
+    seconds_per_item: float
+    experts_per_token: float
+    per_domain: dict[str, float] = field(default_factory=dict)
+    stats: dict[str, float] = field(default_factory=dict)
+    seed: int = 0
+    correct: list[bool] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def bootstrap_ci(correct: Sequence[bool], seed: int = 0, resamples: int = 2000) -> list[float]:
+    """95% percentile-bootstrap interval of the mean of ``correct``."""
+    values = np.asarray(correct, dtype=np.float64)
+    if values.size == 0:
+        return [float("nan"), float("nan")]
+    rng = np.random.default_rng(seed)
+    means = values[rng.integers(0, values.size, size=(resamples, values.size))].mean(axis=1)
+    return [float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))]
+
+
+def _normalise(text: str) -> str:
+    return " ".join(text.split())
+
+
+def run_eval(
+    rm: RoutedModel,
+    tokenizer: Any,
+    items: Sequence[Item],
+    method: Any,
+    split: str = "custom",
+    mode: str = "mc",
+    batch_size: int = 16,
+    seed: int = 0,
+    progress: bool = True,
+) -> EvalResult:
+    """Answer ``items`` with ``method`` and score them.
+
+    ``mc``: the choice with the highest summed log-likelihood must be ``item["label"]``. ``gen``: the greedy answer
+    (whitespace-normalised) must equal ``item["answer"]`` (or the labelled choice).
+    """
+    if mode not in ("mc", "gen"):
+        raise ValueError(f"mode must be 'mc' or 'gen', got {mode!r}")
+    if not items:
+        raise ValueError("no items to evaluate")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    torch.manual_seed(seed)
+    correct: list[bool] = []
+    routed_tokens = active = 0
+    method.stats.clear()
+    start = time.perf_counter()
+    batches = [items[i : i + batch_size] for i in range(0, len(items), batch_size)]
+    with _progress(progress, f"{method.name} · {split} · {mode}", len(items)) as advance:
+        for batch in batches:
+            with rm.trace(device="cpu") as trace:
+                if mode == "mc":
+                    predictions = method.score_choices(rm, tokenizer, batch)
+                    correct += [int(p) == int(item["label"]) for p, item in zip(predictions, batch)]
+                else:
+                    answers = [_answer(item) for item in batch]
+                    budget = max(len(tokenizer(" " + a)["input_ids"]) for a in answers) + 2
+                    texts = method.generate(rm, tokenizer, batch, budget)
+                    correct += [_prediction(t) == _normalise(a) for t, a in zip(texts, answers)]
+            for records in trace.records.values():
+                for record in records:
+                    routed_tokens += record.weights.shape[0] * record.weights.shape[1]
+                    active += int((record.weights != 0).sum())
+            advance(len(batch))
+    elapsed = time.perf_counter() - start
+    domains = sorted({str(item["domain"]) for item in items if "domain" in item})
+    per_domain = {
+        d: float(np.mean([c for c, item in zip(correct, items) if str(item.get("domain")) == d])) for d in domains
+    }
+    return EvalResult(
+        method=method.name,
+        split=split,
+        mode=mode,
+        n=len(correct),
+        accuracy=float(np.mean(correct)),
+        ci95=bootstrap_ci(correct, seed),
+        seconds_per_item=elapsed / len(correct),
+        experts_per_token=active / max(routed_tokens, 1) if routed_tokens else float("nan"),
+        per_domain=per_domain,
+        stats={k: v / len(correct) for k, v in method.stats.items()},
+        seed=seed,
+        correct=correct,
+    )
+
+
+def _answer(item: Item) -> str:
+    if "answer" in item:
+        return str(item["answer"])
+    return str(item["choices"][int(item["label"])])
+
+
+def _prediction(text: str) -> str:
+    """The generated answer: text up to the first line break (as lm-eval's ``until: ["\\n"]``), normalised."""
+    return _normalise(text.strip().split("\n", 1)[0] if text.strip() else "")
+
+
+class _progress:
+    """A rich progress bar (or nothing), used as ``with _progress(on, label, total) as advance: advance(n)``."""
+
+    def __init__(self, enabled: bool, label: str, total: int) -> None:
+        self.enabled, self.label, self.total = enabled, label, total
+
+    def __enter__(self):
+        if not self.enabled:
+            return lambda n: None
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+        self.bar = Progress(
+            "[progress.description]{task.description}",
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            transient=True,
+        )
+        self.bar.__enter__()
+        task = self.bar.add_task(self.label, total=self.total)
+        return lambda n: self.bar.advance(task, n)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.enabled:
+            self.bar.__exit__(*exc)

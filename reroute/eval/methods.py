@@ -1,0 +1,181 @@
+"""Evaluation methods: how each method answers a batch of items, in multiple-choice or generation mode.
+
+A method is a small object with ``score_choices`` (predicted choice index per item) and ``generate`` (answer
+text per item); the harness handles batching, timing and statistics. Methods whose implementation has not
+landed are listed with the reason, and the harness reports them as not available instead of running anything.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from reroute.attach import RoutedModel
+from reroute.scoring import ContinuationBatch, build_batch, continuation_logprobs
+
+Item = dict[str, Any]
+
+
+class MethodNotAvailable(RuntimeError):
+    """The method exists in the plan but not (yet) in this installation."""
+
+
+def encode_pair(tokenizer: Any, prompt: str, continuation: str) -> tuple[list[int], list[int]]:
+    """Token ids of ``prompt`` and of ``continuation`` as it is tokenised after the prompt (lm-eval's rule:
+    encode the whole string and split off the prompt's tokens)."""
+    context = tokenizer(prompt)["input_ids"]
+    whole = tokenizer(prompt + continuation)["input_ids"]
+    if whole[: len(context)] != context:
+        raise ValueError(f"tokenizing {prompt!r} + {continuation!r} does not keep the prompt's tokens as a prefix")
+    return context, whole[len(context) :]
+
+
+def choice_batch(tokenizer: Any, items: Sequence[Item]) -> tuple[ContinuationBatch, int]:
+    """One row per (item, choice), item-major; returns the batch and the number of choices per item."""
+    counts = {len(item["choices"]) for item in items}
+    if len(counts) != 1:
+        raise ValueError("items in one batch must have the same number of choices")
+    prompts, continuations = [], []
+    for item in items:
+        for choice in item["choices"]:
+            context, cont = encode_pair(tokenizer, item["prompt"], choice)
+            prompts.append(context)
+            continuations.append(cont)
+    return build_batch(prompts, continuations, _pad_id(tokenizer)), counts.pop()
+
+
+def gold_batch(tokenizer: Any, items: Sequence[Item]) -> ContinuationBatch:
+    """One row per item: the prompt and its gold answer."""
+    pairs = [encode_pair(tokenizer, item["prompt"], _gold(item)) for item in items]
+    return build_batch([p for p, _ in pairs], [c for _, c in pairs], _pad_id(tokenizer))
+
+
+def _gold(item: Item) -> str:
+    if "choices" in item and "label" in item:
+        return item["choices"][int(item["label"])]
+    if "answer" in item:
+        return item["answer"]
+    raise ValueError(f"item has no label: {item.get('prompt', item)!r}")
+
+
+def _pad_id(tokenizer: Any) -> int:
+    pad = tokenizer.pad_token_id
+    return int(pad if pad is not None else tokenizer.eos_token_id)
+
+
+def score_with(
+    rm: RoutedModel, tokenizer: Any, items: Sequence[Item], batch: tuple[ContinuationBatch, int] | None = None
+) -> list[int]:
+    """Predicted choice per item by summed continuation log-likelihood under the current routing."""
+    batch, n_choices = batch or choice_batch(tokenizer, items)
+    with torch.no_grad():
+        scores = continuation_logprobs(rm.model, batch.to(rm.model.device))
+    return scores.view(len(items), n_choices).argmax(-1).tolist()
+
+
+def generate_with(rm: RoutedModel, tokenizer: Any, items: Sequence[Item], max_new_tokens: int) -> list[str]:
+    """Greedy answers under the current routing; prompts left-padded so the last prompt token is column P-1."""
+    prompts = [tokenizer(item["prompt"])["input_ids"] for item in items]
+    batch = build_batch(prompts, [[] for _ in prompts], _pad_id(tokenizer)).to(rm.model.device)
+    with torch.no_grad():
+        out = rm.model.generate(
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=_pad_id(tokenizer),
+        )
+    return [tokenizer.decode(row[batch.prompt_len :], skip_special_tokens=True).strip() for row in out]
+
+
+@dataclass
+class Base:
+    """The model's own routing."""
+
+    name: str = "base"
+    stats: dict[str, float] = field(default_factory=dict)
+
+    def score_choices(self, rm: RoutedModel, tokenizer: Any, items: Sequence[Item]) -> list[int]:
+        return score_with(rm, tokenizer, items)
+
+    def generate(self, rm: RoutedModel, tokenizer: Any, items: Sequence[Item], max_new_tokens: int) -> list[str]:
+        return generate_with(rm, tokenizer, items, max_new_tokens)
+
+
+@dataclass
+class Oracle:
+    """C3PO's upper bound: each item's pathway optimised on its own gold answer (reads the label).
+
+    Defaults follow C3PO's OLMoE settings (last 5 MoE layers, 20 core experts, last prompt token) with more
+    steps than NGD's 10, since an upper bound should be near the optimum.
+    """
+
+    layers: int | float | Sequence[int] = 5
+    core_experts: int | float = 20
+    steps: int = 30
+    lr: float = 0.2
+    name: str = "oracle"
+    stats: dict[str, float] = field(default_factory=dict)
+
+    def _adapt(self, rm: RoutedModel, tokenizer: Any, items: Sequence[Item]):
+        from reroute.c3po.oracle import optimise_oracle
+
+        result = optimise_oracle(rm, gold_batch(tokenizer, items), self.layers, self.core_experts, self.steps, self.lr)
+        self.stats["forward_passes"] = self.stats.get("forward_passes", 0) + result.forward_passes
+        self.stats["backward_passes"] = self.stats.get("backward_passes", 0) + result.backward_passes
+        return result.pathway
+
+    def score_choices(self, rm: RoutedModel, tokenizer: Any, items: Sequence[Item]) -> list[int]:
+        pathway = self._adapt(rm, tokenizer, items)
+        batch = choice_batch(tokenizer, items)
+        pathway.apply(rm, batch[0].last_prompt_positions[:1])  # rows expand item-major over the choices
+        try:
+            return score_with(rm, tokenizer, items, batch)
+        finally:
+            rm.clear_mixing(pathway.layers)
+
+    def generate(self, rm: RoutedModel, tokenizer: Any, items: Sequence[Item], max_new_tokens: int) -> list[str]:
+        pathway = self._adapt(rm, tokenizer, items)
+        prompt_len = max(len(tokenizer(item["prompt"])["input_ids"]) for item in items)
+        pathway.apply(rm, torch.tensor([[prompt_len - 1]]))
+        try:
+            return generate_with(rm, tokenizer, items, max_new_tokens)
+        finally:
+            rm.clear_mixing(pathway.layers)
+
+
+@dataclass
+class Unavailable:
+    """A planned method that this installation cannot run yet."""
+
+    name: str
+    reason: str
+    stats: dict[str, float] = field(default_factory=dict)
+
+    def score_choices(self, *args: object) -> list[int]:
+        raise MethodNotAvailable(f"{self.name}: {self.reason}")
+
+    generate = score_choices
+
+
+def _unavailable(name: str, issue: str) -> Callable[..., Unavailable]:
+    return lambda **_: Unavailable(name, f"not implemented yet ({issue})")
+
+
+METHODS: dict[str, Callable[..., Any]] = {
+    "base": Base,
+    "oracle": Oracle,
+    "c3po": _unavailable("c3po", "C3PO surrogates: mode, kernel, ngd"),
+    "rerouting": _unavailable("rerouting", "continuous rerouting"),
+    "scmoe": _unavailable("scmoe", "SCMoE self-contrast decoding"),
+}
+
+
+def make_method(name: str, **options: Any) -> Any:
+    """Instantiate an evaluation method by name (options are its dataclass fields)."""
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; known: {', '.join(METHODS)}")
+    return METHODS[name](**options)

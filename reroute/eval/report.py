@@ -1,0 +1,84 @@
+"""Reporting evaluation results: a terminal table, a JSON file (one object per run), a PNG bar chart."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from reroute.eval.harness import EvalResult
+
+
+def print_table(results: Sequence[EvalResult | dict[str, Any]], title: str = "reroute eval") -> None:
+    """Accuracy with its 95% interval, items, cost, per method (unavailable methods shown as such)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    for column in ("method", "split", "mode", "n", "accuracy", "95% CI", "s/item", "experts/token"):
+        table.add_column(column, justify="left" if column in ("method", "split", "mode") else "right")
+    for result in results:
+        if isinstance(result, dict):  # {"method": ..., "available": False, "reason": ...}
+            table.add_row(
+                result["method"],
+                result.get("split", ""),
+                result.get("mode", ""),
+                "-",
+                "not available",
+                result.get("reason", ""),
+                "-",
+                "-",
+                style="dim",
+            )
+            continue
+        table.add_row(
+            result.method,
+            result.split,
+            result.mode,
+            str(result.n),
+            f"{100 * result.accuracy:.1f}",
+            f"[{100 * result.ci95[0]:.1f}, {100 * result.ci95[1]:.1f}]",
+            f"{result.seconds_per_item:.3f}",
+            f"{result.experts_per_token:.2f}",
+        )
+    Console().print(table)
+
+
+def write_json(results: Sequence[EvalResult | dict[str, Any]], path: str | Path) -> Path:
+    """One JSON object per run: a list of them (``method``, ``split``, ``n``, ``accuracy``, ``ci95``, ...)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    records = [r if isinstance(r, dict) else r.to_json() for r in results]
+    path.write_text(json.dumps(records, indent=2) + "\n")
+    return path
+
+
+def plot_bars(results: Sequence[EvalResult], path: str | Path, title: str = "accuracy") -> Path:
+    """Bar chart of accuracy with 95% interval error bars, one bar per (method, split, mode)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    results = [r for r in results if isinstance(r, EvalResult)]
+    if not results:
+        raise ValueError("no results to plot")
+    labels = [f"{r.method}\n{r.split} ({r.mode})" for r in results]
+    acc = [100 * r.accuracy for r in results]
+    low = [100 * (r.accuracy - r.ci95[0]) for r in results]
+    high = [100 * (r.ci95[1] - r.accuracy) for r in results]
+    fig, ax = plt.subplots(figsize=(max(4.0, 1.3 * len(results)), 3.6))
+    ax.bar(range(len(results)), acc, yerr=[low, high], capsize=4, color="#4c72b0")
+    ax.set_xticks(range(len(results)), labels, fontsize=8)
+    ax.set_ylabel("accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.set_title(title)
+    for i, value in enumerate(acc):
+        ax.text(i, value + 2, f"{value:.1f}", ha="center", fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
