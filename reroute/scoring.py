@@ -9,9 +9,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
+
+from reroute.attach import RoutedModel
+from reroute.data import Item, gold_text
 
 
 @dataclass
@@ -80,3 +84,67 @@ def continuation_logprobs(model: nn.Module, batch: ContinuationBatch) -> torch.T
     targets = batch.input_ids[:, 1:]
     token_lp = logprobs.gather(-1, targets[..., None])[..., 0]
     return (token_lp * batch.target_mask[:, 1:]).sum(-1)
+
+
+def encode_pair(tokenizer: Any, prompt: str, continuation: str) -> tuple[list[int], list[int]]:
+    """Token ids of ``prompt`` and of ``continuation`` as it is tokenised after the prompt (lm-eval's rule:
+    encode the whole string and split off the prompt's tokens)."""
+    context = tokenizer(prompt)["input_ids"]
+    whole = tokenizer(prompt + continuation)["input_ids"]
+    if whole[: len(context)] != context:
+        raise ValueError(f"tokenizing {prompt!r} + {continuation!r} does not keep the prompt's tokens as a prefix")
+    return context, whole[len(context) :]
+
+
+def choice_batch(tokenizer: Any, items: Sequence[Item]) -> tuple[ContinuationBatch, int]:
+    """One row per (item, choice), item-major; returns the batch and the number of choices per item."""
+    counts = {len(item["choices"]) for item in items}
+    if len(counts) != 1:
+        raise ValueError("items in one batch must have the same number of choices")
+    prompts, continuations = [], []
+    for item in items:
+        for choice in item["choices"]:
+            context, cont = encode_pair(tokenizer, item["prompt"], choice)
+            prompts.append(context)
+            continuations.append(cont)
+    return build_batch(prompts, continuations, _pad_id(tokenizer)), counts.pop()
+
+
+def gold_batch(tokenizer: Any, items: Sequence[Item]) -> ContinuationBatch:
+    """One row per item: the prompt and its gold answer."""
+    pairs = [encode_pair(tokenizer, item["prompt"], gold_text(item)) for item in items]
+    return build_batch([p for p, _ in pairs], [c for _, c in pairs], _pad_id(tokenizer))
+
+
+def prompt_batch(tokenizer: Any, prompts: Sequence[str]) -> ContinuationBatch:
+    """Prompts only, left-padded: every last prompt token at column ``P - 1``."""
+    return build_batch([tokenizer(p)["input_ids"] for p in prompts], [[] for _ in prompts], _pad_id(tokenizer))
+
+
+def _pad_id(tokenizer: Any) -> int:
+    pad = tokenizer.pad_token_id
+    return int(pad if pad is not None else tokenizer.eos_token_id)
+
+
+def score_with(
+    rm: RoutedModel, tokenizer: Any, items: Sequence[Item], batch: tuple[ContinuationBatch, int] | None = None
+) -> list[int]:
+    """Predicted choice per item by summed continuation log-likelihood under the current routing."""
+    batch, n_choices = batch or choice_batch(tokenizer, items)
+    with torch.no_grad():
+        scores = continuation_logprobs(rm.model, batch.to(rm.model.device))
+    return scores.view(len(items), n_choices).argmax(-1).tolist()
+
+
+def generate_with(rm: RoutedModel, tokenizer: Any, items: Sequence[Item], max_new_tokens: int) -> list[str]:
+    """Greedy answers under the current routing; prompts left-padded so the last prompt token is column P-1."""
+    batch = prompt_batch(tokenizer, [item["prompt"] for item in items]).to(rm.model.device)
+    with torch.no_grad():
+        out = rm.model.generate(
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=_pad_id(tokenizer),
+        )
+    return [tokenizer.decode(row[batch.prompt_len :], skip_special_tokens=True).strip() for row in out]

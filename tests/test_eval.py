@@ -11,8 +11,8 @@ import torch
 import reroute
 from reroute.c3po import optimise_oracle
 from reroute.eval import bootstrap_ci, make_method, plot_bars, run_eval, write_json
-from reroute.eval.methods import MethodNotAvailable, gold_batch
-from reroute.scoring import build_batch, continuation_logprobs
+from reroute.eval.methods import MethodNotAvailable
+from reroute.scoring import build_batch, continuation_logprobs, gold_batch
 from reroute.testing import tiny_model, tiny_tokenizer
 
 

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from reroute.attach import RoutedModel
-from reroute.eval.methods import Item
+from reroute.data import Item
 
 
 @dataclass

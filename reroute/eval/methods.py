@@ -14,81 +14,12 @@ from typing import Any
 import torch
 
 from reroute.attach import RoutedModel
-from reroute.scoring import ContinuationBatch, build_batch, continuation_logprobs
-
-Item = dict[str, Any]
+from reroute.data import Item
+from reroute.scoring import choice_batch, generate_with, gold_batch, score_with
 
 
 class MethodNotAvailable(RuntimeError):
     """The method exists in the plan but not (yet) in this installation."""
-
-
-def encode_pair(tokenizer: Any, prompt: str, continuation: str) -> tuple[list[int], list[int]]:
-    """Token ids of ``prompt`` and of ``continuation`` as it is tokenised after the prompt (lm-eval's rule:
-    encode the whole string and split off the prompt's tokens)."""
-    context = tokenizer(prompt)["input_ids"]
-    whole = tokenizer(prompt + continuation)["input_ids"]
-    if whole[: len(context)] != context:
-        raise ValueError(f"tokenizing {prompt!r} + {continuation!r} does not keep the prompt's tokens as a prefix")
-    return context, whole[len(context) :]
-
-
-def choice_batch(tokenizer: Any, items: Sequence[Item]) -> tuple[ContinuationBatch, int]:
-    """One row per (item, choice), item-major; returns the batch and the number of choices per item."""
-    counts = {len(item["choices"]) for item in items}
-    if len(counts) != 1:
-        raise ValueError("items in one batch must have the same number of choices")
-    prompts, continuations = [], []
-    for item in items:
-        for choice in item["choices"]:
-            context, cont = encode_pair(tokenizer, item["prompt"], choice)
-            prompts.append(context)
-            continuations.append(cont)
-    return build_batch(prompts, continuations, _pad_id(tokenizer)), counts.pop()
-
-
-def gold_batch(tokenizer: Any, items: Sequence[Item]) -> ContinuationBatch:
-    """One row per item: the prompt and its gold answer."""
-    pairs = [encode_pair(tokenizer, item["prompt"], _gold(item)) for item in items]
-    return build_batch([p for p, _ in pairs], [c for _, c in pairs], _pad_id(tokenizer))
-
-
-def _gold(item: Item) -> str:
-    if "choices" in item and "label" in item:
-        return item["choices"][int(item["label"])]
-    if "answer" in item:
-        return item["answer"]
-    raise ValueError(f"item has no label: {item.get('prompt', item)!r}")
-
-
-def _pad_id(tokenizer: Any) -> int:
-    pad = tokenizer.pad_token_id
-    return int(pad if pad is not None else tokenizer.eos_token_id)
-
-
-def score_with(
-    rm: RoutedModel, tokenizer: Any, items: Sequence[Item], batch: tuple[ContinuationBatch, int] | None = None
-) -> list[int]:
-    """Predicted choice per item by summed continuation log-likelihood under the current routing."""
-    batch, n_choices = batch or choice_batch(tokenizer, items)
-    with torch.no_grad():
-        scores = continuation_logprobs(rm.model, batch.to(rm.model.device))
-    return scores.view(len(items), n_choices).argmax(-1).tolist()
-
-
-def generate_with(rm: RoutedModel, tokenizer: Any, items: Sequence[Item], max_new_tokens: int) -> list[str]:
-    """Greedy answers under the current routing; prompts left-padded so the last prompt token is column P-1."""
-    prompts = [tokenizer(item["prompt"])["input_ids"] for item in items]
-    batch = build_batch(prompts, [[] for _ in prompts], _pad_id(tokenizer)).to(rm.model.device)
-    with torch.no_grad():
-        out = rm.model.generate(
-            input_ids=batch.input_ids,
-            attention_mask=batch.attention_mask,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            pad_token_id=_pad_id(tokenizer),
-        )
-    return [tokenizer.decode(row[batch.prompt_len :], skip_special_tokens=True).strip() for row in out]
 
 
 @dataclass

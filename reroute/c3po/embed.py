@@ -1,0 +1,101 @@
+"""Embeddings for finding a test item's neighbours in the reference set (C3PO §3.4).
+
+The default needs no download: the model's own final hidden states, mean-pooled over the prompt. Also: the
+model's routing pathway at the last prompt token as a fingerprint, a ``sentence-transformers`` model by name,
+or any callable ``texts -> [N, D]``. Every embedder has a ``name`` that the reference index records, so an
+index is never searched with embeddings of another kind.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from reroute.attach import RoutedModel
+from reroute.scoring import continuation_logprobs, prompt_batch
+
+
+def _normalise(x: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.normalize(x.float(), dim=-1)
+
+
+class HiddenStateEmbedder:
+    """Mean of the model's last hidden states over the prompt tokens, L2-normalised ``[N, H]``."""
+
+    name = "hidden-mean"
+
+    def __call__(self, rm: RoutedModel, tokenizer: Any, prompts: Sequence[str]) -> torch.Tensor:
+        batch = prompt_batch(tokenizer, prompts).to(rm.model.device)
+        with torch.no_grad():
+            out = rm.model(
+                input_ids=batch.input_ids,
+                attention_mask=batch.attention_mask,
+                position_ids=(batch.attention_mask.cumsum(-1) - 1).clamp(min=0),
+                output_hidden_states=True,
+            )
+        hidden = out.hidden_states[-1].float()
+        mask = batch.attention_mask[..., None].float()
+        return _normalise((hidden * mask).sum(1) / mask.sum(1)).cpu()
+
+
+class PathwayEmbedder:
+    """The routing pathway as a fingerprint: per-expert scores at the last prompt token over all MoE layers,
+    concatenated and L2-normalised ``[N, L * E]``."""
+
+    name = "routing-pathway"
+
+    def __call__(self, rm: RoutedModel, tokenizer: Any, prompts: Sequence[str]) -> torch.Tensor:
+        return _normalise(prompt_pathways(rm, tokenizer, prompts).flatten(1))
+
+
+class CallableEmbedder:
+    """Any function ``texts -> [N, D]`` (e.g. an API or a local encoder), under a name of your choice."""
+
+    def __init__(self, fn: Callable[[list[str]], Any], name: str) -> None:
+        if not name:
+            raise ValueError("a callable embedder needs a name (it is recorded in the index)")
+        self.fn, self.name = fn, f"callable:{name}"
+
+    def __call__(self, rm: RoutedModel, tokenizer: Any, prompts: Sequence[str]) -> torch.Tensor:
+        out = torch.as_tensor(self.fn(list(prompts)))
+        if out.dim() != 2 or out.shape[0] != len(prompts):
+            raise ValueError(f"embedder {self.name} returned shape {tuple(out.shape)} for {len(prompts)} texts")
+        return _normalise(out)
+
+
+class SentenceTransformerEmbedder(CallableEmbedder):
+    """A ``sentence-transformers`` model (installed separately; loaded by name or path)."""
+
+    def __init__(self, model_name: str) -> None:
+        try:
+            from sentence_transformers import SentenceTransformer
+        except ImportError as exc:
+            raise ImportError("pip install sentence-transformers to embed with a sentence-transformers model") from exc
+        encoder = SentenceTransformer(model_name)
+        super().__init__(lambda texts: encoder.encode(texts, convert_to_tensor=True).cpu(), model_name)
+        self.name = f"sentence-transformers:{model_name}"
+
+
+def make_embedder(spec: str | Callable[..., Any] | None) -> Any:
+    """``None``/``"hidden"``: hidden states; ``"pathway"``: routing fingerprint; other strings: a
+    sentence-transformers model; an embedder object is returned as is."""
+    if spec is None or spec == "hidden":
+        return HiddenStateEmbedder()
+    if spec == "pathway":
+        return PathwayEmbedder()
+    if isinstance(spec, str):
+        return SentenceTransformerEmbedder(spec)
+    if callable(spec) and hasattr(spec, "name"):
+        return spec
+    raise TypeError("embedder must be 'hidden', 'pathway', a sentence-transformers name or an embedder object")
+
+
+def prompt_pathways(rm: RoutedModel, tokenizer: Any, prompts: Sequence[str]) -> torch.Tensor:
+    """Per-expert routing scores at each prompt's last token, all MoE layers: ``[N, L, E]`` float32 on CPU."""
+    batch = prompt_batch(tokenizer, prompts).to(rm.model.device)
+    with torch.no_grad(), rm.trace() as trace:
+        continuation_logprobs(rm.model, batch)
+    column = batch.prompt_len - 1
+    return torch.stack([trace.scores(layer)[:, column].float().cpu() for layer in rm.moe_layers], dim=1)
