@@ -2,11 +2,15 @@
 
 from reroute.arch import FamilyAdapter, UnsupportedModelError, register_family, rules, supported_families
 from reroute.attach import OffsetTable, RoutedModel, attach
+from reroute.c3po import C3PO, C3POConfig, ReferenceIndex
 from reroute.routing import ExpertMask, RoutingPolicy, Trace
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "C3PO",
+    "C3POConfig",
+    "ReferenceIndex",
     "ExpertMask",
     "FamilyAdapter",
     "OffsetTable",

@@ -78,7 +78,7 @@ def continuation_logprobs(model: nn.Module, batch: ContinuationBatch) -> torch.T
     """
     position_ids = (batch.attention_mask.cumsum(-1) - 1).clamp(min=0)
     logits = model(
-        input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=position_ids
+        input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=position_ids, use_cache=False
     ).logits  # [B, T, V]
     logprobs = torch.log_softmax(logits[:, :-1].float(), dim=-1)
     targets = batch.input_ids[:, 1:]
@@ -148,3 +148,17 @@ def generate_with(rm: RoutedModel, tokenizer: Any, items: Sequence[Item], max_ne
             pad_token_id=_pad_id(tokenizer),
         )
     return [tokenizer.decode(row[batch.prompt_len :], skip_special_tokens=True).strip() for row in out]
+
+
+def _normalise(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _prediction(text: str) -> str:
+    """The generated answer: text up to the first line break (as lm-eval's ``until: ["\\n"]``), normalised."""
+    return _normalise(text.strip().split("\n", 1)[0] if text.strip() else "")
+
+
+def answer_matches(text: str, answer: str) -> bool:
+    """Exact match of a generated text against the gold answer (first line, whitespace-normalised)."""
+    return _prediction(text) == _normalise(answer)

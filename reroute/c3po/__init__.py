@@ -1,6 +1,31 @@
-"""C3PO: Critical-Layer, Core-Expert, Collaborative Pathway Optimization (arXiv 2504.07964)."""
+"""C3PO: Critical-Layer, Core-Expert, Collaborative Pathway Optimization (arXiv 2504.07964).
 
+Where things are: ``index.py`` (reference index), ``embed.py`` (embedders), ``pathway.py`` (critical layers,
+core experts), ``surrogates.py`` (mode finding, kernel regression, NGD), ``oracle.py`` (upper bound),
+``prefix.py`` (reuse of the layers below the critical ones), ``method.py`` (``C3PO``, ``C3POConfig``).
+"""
+
+from reroute.c3po.embed import CallableEmbedder, HiddenStateEmbedder, PathwayEmbedder, make_embedder
+from reroute.c3po.index import Neighbours, ReferenceIndex, ReferenceIndexError
+from reroute.c3po.method import C3PO, Adaptation, C3POConfig
 from reroute.c3po.oracle import OracleResult, optimise_oracle
 from reroute.c3po.pathway import Pathway, core_size, critical_layers, own_pathway
 
-__all__ = ["OracleResult", "Pathway", "core_size", "critical_layers", "optimise_oracle", "own_pathway"]
+__all__ = [
+    "C3PO",
+    "Adaptation",
+    "C3POConfig",
+    "CallableEmbedder",
+    "HiddenStateEmbedder",
+    "Neighbours",
+    "OracleResult",
+    "Pathway",
+    "PathwayEmbedder",
+    "ReferenceIndex",
+    "ReferenceIndexError",
+    "core_size",
+    "critical_layers",
+    "make_embedder",
+    "optimise_oracle",
+    "own_pathway",
+]

@@ -19,16 +19,16 @@ from reroute.attach import RoutedModel
 def critical_layers(rm: RoutedModel, spec: int | float | Sequence[int]) -> list[int]:
     """Decoder-layer indices of the critical layers.
 
-    ``spec``: an int ``n`` (the last ``n`` MoE layers), a float in (0, 1] (that fraction of the MoE layers,
-    at least one, counted from the end) or an explicit list of MoE layer indices.
+    ``spec``: an int ``n`` (the last ``n`` MoE layers, or all of them if fewer), a float in (0, 1] (that
+    fraction of the MoE layers, at least one, counted from the end) or an explicit list of MoE layer indices.
     """
     layers = rm.moe_layers
     if isinstance(spec, bool):
         raise TypeError("critical layers must be an int, a fraction or a list of layer indices")
     if isinstance(spec, int):
-        if not 1 <= spec <= len(layers):
-            raise ValueError(f"critical layers: {spec} is not in [1, {len(layers)}] (the model's MoE layers)")
-        return layers[-spec:]
+        if spec < 1:
+            raise ValueError(f"critical layers: need at least one, got {spec}")
+        return layers[-spec:]  # a model with fewer MoE layers uses all of them
     if isinstance(spec, float):
         if not 0.0 < spec <= 1.0:
             raise ValueError(f"critical layer fraction must be in (0, 1], got {spec}")
@@ -42,16 +42,16 @@ def critical_layers(rm: RoutedModel, spec: int | float | Sequence[int]) -> list[
 
 
 def core_size(num_experts: int, spec: int | float) -> int:
-    """Number of core experts: an int, or a fraction of ``num_experts`` (at least one)."""
+    """Number of core experts: an int (capped at ``num_experts``), or a fraction of ``num_experts`` (at least one)."""
     if isinstance(spec, bool):
         raise TypeError("core experts must be an int or a fraction")
     if isinstance(spec, float):
         if not 0.0 < spec <= 1.0:
             raise ValueError(f"core expert fraction must be in (0, 1], got {spec}")
         return max(1, round(spec * num_experts))
-    if not 1 <= spec <= num_experts:
-        raise ValueError(f"core experts: {spec} is not in [1, {num_experts}]")
-    return int(spec)
+    if spec < 1:
+        raise ValueError(f"core experts: need at least one, got {spec}")
+    return min(int(spec), num_experts)  # a layer with fewer experts uses all of them
 
 
 @dataclass

@@ -16,6 +16,8 @@ import torch
 
 from reroute.attach import RoutedModel
 from reroute.data import Item
+from reroute.progress import progress_bar
+from reroute.scoring import answer_matches
 
 
 @dataclass
@@ -61,10 +63,6 @@ def bootstrap_ci(correct: Sequence[bool], seed: int = 0, resamples: int = 2000) 
     return [float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))]
 
 
-def _normalise(text: str) -> str:
-    return " ".join(text.split())
-
-
 def run_eval(
     rm: RoutedModel,
     tokenizer: Any,
@@ -93,7 +91,7 @@ def run_eval(
     method.stats.clear()
     start = time.perf_counter()
     batches = [items[i : i + batch_size] for i in range(0, len(items), batch_size)]
-    with _progress(progress, f"{method.name} · {split} · {mode}", len(items)) as advance:
+    with progress_bar(progress, f"{method.name} · {split} · {mode}", len(items)) as advance:
         for batch in batches:
             with rm.trace(device="cpu") as trace:
                 if mode == "mc":
@@ -103,7 +101,7 @@ def run_eval(
                     answers = [_answer(item) for item in batch]
                     budget = max(len(tokenizer(" " + a)["input_ids"]) for a in answers) + 2
                     texts = method.generate(rm, tokenizer, batch, budget)
-                    correct += [_prediction(t) == _normalise(a) for t, a in zip(texts, answers)]
+                    correct += [answer_matches(t, a) for t, a in zip(texts, answers)]
             for records in trace.records.values():
                 for record in records:
                     routed_tokens += record.weights.shape[0] * record.weights.shape[1]
@@ -134,35 +132,3 @@ def _answer(item: Item) -> str:
     if "answer" in item:
         return str(item["answer"])
     return str(item["choices"][int(item["label"])])
-
-
-def _prediction(text: str) -> str:
-    """The generated answer: text up to the first line break (as lm-eval's ``until: ["\\n"]``), normalised."""
-    return _normalise(text.strip().split("\n", 1)[0] if text.strip() else "")
-
-
-class _progress:
-    """A rich progress bar (or nothing), used as ``with _progress(on, label, total) as advance: advance(n)``."""
-
-    def __init__(self, enabled: bool, label: str, total: int) -> None:
-        self.enabled, self.label, self.total = enabled, label, total
-
-    def __enter__(self):
-        if not self.enabled:
-            return lambda n: None
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
-
-        self.bar = Progress(
-            "[progress.description]{task.description}",
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            transient=True,
-        )
-        self.bar.__enter__()
-        task = self.bar.add_task(self.label, total=self.total)
-        return lambda n: self.bar.advance(task, n)
-
-    def __exit__(self, *exc: object) -> None:
-        if self.enabled:
-            self.bar.__exit__(*exc)

@@ -1,0 +1,295 @@
+"""The reference index: successful reference items with their embeddings and routing pathways (C3PO §2, §3.4).
+
+Built by running the model on a labelled reference set and keeping the items it answers correctly. Stored in a
+folder, no pickle anywhere:
+
+* ``embeddings.faiss`` — FAISS index of L2-normalised embeddings (inner product = cosine similarity);
+* ``pathways.safetensors`` — ``pathways [N, L, E]``: per-expert routing scores at each item's last prompt token
+  in every MoE layer (float32), and ``embeddings [N, D]``;
+* ``index.json`` — model fingerprint, embedder name, items (prompt, label, ...), and the keys of every item seen
+  (successful or not), so a build can resume or be extended without redoing work.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from reroute.attach import RoutedModel
+from reroute.c3po.embed import make_embedder, prompt_pathways
+from reroute.data import Item, item_key, load_items
+from reroute.progress import progress_bar
+from reroute.scoring import answer_matches, generate_with, score_with
+
+FORMAT = "reroute-reference-index"
+VERSION = 1
+FILES = ("embeddings.faiss", "pathways.safetensors", "index.json")
+
+
+class ReferenceIndexError(ValueError):
+    """A reference index that cannot be used as asked (empty, mismatched, corrupted)."""
+
+
+@dataclass
+class Neighbours:
+    """Search result for Q queries: ``ids [Q, k]`` (-1 where fewer than k were found) and ``similarity [Q, k]``."""
+
+    ids: torch.Tensor
+    similarity: torch.Tensor
+
+
+class ReferenceIndex:
+    """Successful reference items: embeddings (FAISS), routing pathways and labels."""
+
+    def __init__(
+        self,
+        fingerprint: dict[str, Any],
+        embedder_name: str,
+        mode: str,
+        items: list[Item],
+        embeddings: torch.Tensor,
+        pathways: torch.Tensor,
+        seen: list[str],
+        faiss_kind: str = "flat",
+    ) -> None:
+        self.fingerprint = fingerprint
+        self.embedder_name = embedder_name
+        self.mode = mode
+        self.items = items
+        self.embeddings = embeddings.float()
+        self.pathways = pathways.float()
+        self.seen = seen
+        self.faiss_kind = faiss_kind
+        self._faiss = None
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __repr__(self) -> str:
+        return (
+            f"ReferenceIndex({len(self)} successful of {len(self.seen)} seen, embedder={self.embedder_name}, "
+            f"mode={self.mode}, pathways {tuple(self.pathways.shape)})"
+        )
+
+    # ------------------------------------------------------------------------------------------ building
+    @classmethod
+    def build(
+        cls,
+        rm: RoutedModel,
+        tokenizer: Any,
+        data: Any,
+        embedder: Any = None,
+        mode: str = "mc",
+        batch_size: int = 16,
+        path: str | Path | None = None,
+        faiss_kind: str = "flat",
+        progress: bool = True,
+    ) -> ReferenceIndex:
+        """Run the model on ``data`` (Dataset, JSONL path or dicts) and keep what it answers correctly.
+
+        With ``path``, progress is saved there after every batch and an existing index at ``path`` is resumed
+        (items already seen are skipped); :meth:`extend` adds data to an index later.
+        """
+        embed = make_embedder(embedder)
+        if path is not None and (Path(path) / "index.json").is_file():
+            index = cls.load(path, rm, embed)
+        else:
+            index = cls(rm.fingerprint(), embed.name, mode, [], torch.zeros(0, 0), torch.zeros(0, 0, 0), [], faiss_kind)
+        if index.mode != mode:
+            raise ReferenceIndexError(f"the index at {path} was built in {index.mode!r} mode, not {mode!r}")
+        return index.extend(rm, tokenizer, data, embed, batch_size, path, progress)
+
+    def extend(
+        self,
+        rm: RoutedModel,
+        tokenizer: Any,
+        data: Any,
+        embedder: Any = None,
+        batch_size: int = 16,
+        path: str | Path | None = None,
+        progress: bool = True,
+    ) -> ReferenceIndex:
+        """Add the successful items of ``data`` not seen before (saving to ``path`` after each batch)."""
+        embed = make_embedder(embedder)
+        self._check_compatible(rm.fingerprint(), embed.name)
+        seen = set(self.seen)
+        todo = [item for item in load_items(data) if item_key(item) not in seen]
+        if self.mode == "mc" and any(item.get("choices") is None for item in todo):
+            raise ReferenceIndexError("multiple-choice index: every reference item needs choices and a label")
+        with progress_bar(progress, "reference index", len(todo)) as advance:
+            for start in range(0, len(todo), batch_size):
+                batch = todo[start : start + batch_size]
+                self._add_batch(rm, tokenizer, batch, embed)
+                if path is not None:
+                    self.save(path)
+                advance(len(batch))
+        return self
+
+    def _add_batch(self, rm: RoutedModel, tokenizer: Any, batch: Sequence[Item], embed: Any) -> None:
+        if self.mode == "mc":
+            correct = [int(p) == int(item["label"]) for p, item in zip(score_with(rm, tokenizer, batch), batch)]
+        else:
+            budget = max(len(tokenizer(" " + item["answer"])["input_ids"]) for item in batch) + 2
+            texts = generate_with(rm, tokenizer, batch, budget)
+            correct = [answer_matches(t, item["answer"]) for t, item in zip(texts, batch)]
+        self.seen += [item_key(item) for item in batch]
+        keep = [item for item, ok in zip(batch, correct) if ok]
+        if not keep:
+            return
+        prompts = [item["prompt"] for item in keep]
+        embeddings = embed(rm, tokenizer, prompts).float().cpu()
+        pathways = prompt_pathways(rm, tokenizer, prompts)
+        self.embeddings = embeddings if len(self.items) == 0 else torch.cat([self.embeddings, embeddings])
+        self.pathways = pathways if len(self.items) == 0 else torch.cat([self.pathways, pathways])
+        self.items += keep
+        self._faiss = None  # rebuilt on the next search or save
+
+    # ------------------------------------------------------------------------------------------ searching
+    @property
+    def dim(self) -> int:
+        return int(self.embeddings.shape[1]) if len(self) else 0
+
+    def _index(self):
+        import faiss
+
+        if self._faiss is None:
+            self.require_nonempty()
+            vectors = np.ascontiguousarray(self.embeddings.numpy(), dtype=np.float32)
+            if self.faiss_kind == "flat":
+                index = faiss.IndexFlatIP(self.dim)
+            elif self.faiss_kind == "hnsw":
+                index = faiss.IndexHNSWFlat(self.dim, 32, faiss.METRIC_INNER_PRODUCT)
+            elif self.faiss_kind == "ivf":
+                lists = max(1, int(np.sqrt(len(self))))
+                index = faiss.IndexIVFFlat(faiss.IndexFlatIP(self.dim), self.dim, lists, faiss.METRIC_INNER_PRODUCT)
+                index.train(vectors)
+                index.nprobe = min(lists, 8)
+            else:
+                raise ReferenceIndexError(f"unknown FAISS index kind {self.faiss_kind!r}: use 'flat', 'hnsw' or 'ivf'")
+            index.add(vectors)
+            self._faiss = index
+        return self._faiss
+
+    def require_nonempty(self) -> None:
+        if len(self) == 0:
+            raise ReferenceIndexError(
+                f"the reference index is empty ({len(self.seen)} items seen, none answered correctly); "
+                "build it on a reference set the model partly solves"
+            )
+
+    def search(self, queries: torch.Tensor, k: int, exclude_above: float = 0.95) -> Neighbours:
+        """The ``k`` most similar successful items per query ``[Q, D]``, excluding near-duplicates of the query
+        (cosine similarity above ``exclude_above``, the C3PO paper's leakage guard)."""
+        self.require_nonempty()
+        if not isinstance(k, int) or k < 1:
+            raise ValueError(f"k must be a positive integer, got {k!r}")
+        if k > len(self):
+            raise ReferenceIndexError(f"k={k} exceeds the {len(self)} items in the reference index")
+        queries = torch.nn.functional.normalize(torch.as_tensor(queries).float(), dim=-1)
+        if queries.dim() != 2 or queries.shape[1] != self.dim:
+            raise ReferenceIndexError(
+                f"query embeddings have shape {tuple(queries.shape)}; the index holds {self.dim}-dimensional "
+                f"embeddings from {self.embedder_name}"
+            )
+        fetch = min(len(self), k + 16)
+        sims, ids = self._index().search(np.ascontiguousarray(queries.numpy()), fetch)
+        out_ids = torch.full((len(queries), k), -1, dtype=torch.long)
+        out_sim = torch.zeros(len(queries), k)
+        for q in range(len(queries)):
+            keep = [(i, s) for i, s in zip(ids[q], sims[q]) if i >= 0 and s <= exclude_above][:k]
+            for j, (i, s) in enumerate(keep):
+                out_ids[q, j], out_sim[q, j] = int(i), float(s)
+        return Neighbours(out_ids, out_sim)
+
+    # ------------------------------------------------------------------------------------------ storage
+    def save(self, path: str | Path) -> Path:
+        import faiss
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        meta = {
+            "format": FORMAT,
+            "version": VERSION,
+            "fingerprint": self.fingerprint,
+            "embedder": self.embedder_name,
+            "mode": self.mode,
+            "faiss": self.faiss_kind,
+            "size": len(self),
+            "items": self.items,
+            "seen": self.seen,
+        }
+        tensors = {"pathways": self.pathways.contiguous(), "embeddings": self.embeddings.contiguous()}
+        save_file(tensors, str(path / "pathways.safetensors"))
+        if len(self):
+            faiss.write_index(self._index(), str(path / "embeddings.faiss"))
+        else:
+            (path / "embeddings.faiss").unlink(missing_ok=True)
+        (path / "index.json").write_text(json.dumps(meta) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, rm: RoutedModel | None = None, embedder: Any = None) -> ReferenceIndex:
+        """Load an index; with ``rm``/``embedder`` given, an index built for another model or embedder is an error."""
+        import faiss
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        if not (path / "index.json").is_file():
+            raise FileNotFoundError(f"{path} holds no reference index (index.json missing)")
+        try:
+            meta = json.loads((path / "index.json").read_text())
+        except json.JSONDecodeError as exc:
+            raise ReferenceIndexError(f"{path}/index.json is corrupted: {exc}") from exc
+        if meta.get("format") != FORMAT:
+            raise ReferenceIndexError(f"{path} is not a reroute reference index")
+        try:
+            tensors = load_file(str(path / "pathways.safetensors"))
+        except (FileNotFoundError, SafetensorError, OSError) as exc:
+            raise ReferenceIndexError(f"{path}/pathways.safetensors is missing or corrupted: {exc}") from exc
+        items, size = meta.get("items", []), meta.get("size", -1)
+        if len(items) != size or tensors["pathways"].shape[0] != size or tensors["embeddings"].shape[0] != size:
+            raise ReferenceIndexError(f"{path} is truncated: {size} items announced, files disagree")
+        index = cls(
+            meta["fingerprint"],
+            meta["embedder"],
+            meta["mode"],
+            items,
+            tensors["embeddings"],
+            tensors["pathways"],
+            meta.get("seen", []),
+            meta.get("faiss", "flat"),
+        )
+        if size:
+            try:
+                stored = faiss.read_index(str(path / "embeddings.faiss"))
+            except RuntimeError as exc:
+                raise ReferenceIndexError(f"{path}/embeddings.faiss is missing or corrupted: {exc}") from exc
+            if stored.ntotal != size or stored.d != index.dim:
+                raise ReferenceIndexError(
+                    f"{path}/embeddings.faiss holds {stored.ntotal}x{stored.d}, expected {size}x{index.dim}"
+                )
+            index._faiss = stored
+        if rm is not None or embedder is not None:
+            index._check_compatible(
+                rm.fingerprint() if rm is not None else index.fingerprint,
+                make_embedder(embedder).name if embedder is not None else index.embedder_name,
+            )
+        return index
+
+    def _check_compatible(self, fingerprint: dict[str, Any], embedder_name: str) -> None:
+        if fingerprint != self.fingerprint:
+            raise ReferenceIndexError(
+                f"the reference index was built for another model ({self.fingerprint}); this model is {fingerprint}"
+            )
+        if embedder_name != self.embedder_name:
+            raise ReferenceIndexError(
+                f"the reference index holds {self.embedder_name} embeddings; cannot use embedder {embedder_name}"
+            )

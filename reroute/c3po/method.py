@@ -1,0 +1,308 @@
+"""``reroute.C3PO``: per-item expert re-mixing guided by successful neighbours (arXiv 2504.07964).
+
+>>> index = reroute.ReferenceIndex.build(rm, tokenizer, reference_items)
+>>> c3po = reroute.C3PO(rm, index, tokenizer, surrogate="ngd")
+>>> predictions = c3po.score_choices(test_items)          # multiple choice
+>>> out = c3po.generate(prompts=["..."], max_new_tokens=8) # generation; routing adapted at the prompt only
+
+Per batch of test items: the router's own routing at the last prompt token gives each item's core experts and
+starting pathway; the surrogate moves the pathway; a do-no-harm gate keeps the base routing for items whose
+neighbours disagree or whose surrogate gain is too small; the pathway is then applied to the prompt's scored
+positions only (decode steps route as usual).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import torch
+
+from reroute.attach import RoutedModel
+from reroute.c3po.embed import make_embedder, prompt_pathways
+from reroute.c3po.index import ReferenceIndex, ReferenceIndexError
+from reroute.c3po.oracle import optimise_oracle
+from reroute.c3po.pathway import Pathway, core_size, critical_layers, own_pathway
+from reroute.c3po.surrogates import (
+    SurrogateResult,
+    core_average,
+    kernel_regression,
+    kernel_weights,
+    mode_finding,
+    neighbour_loss,
+    neighbourhood_gd,
+)
+from reroute.data import Item
+from reroute.scoring import choice_batch, continuation_logprobs, gold_batch, prompt_batch
+
+SURROGATES = ("ngd", "kernel", "mode", "oracle")
+KERNELS = ("gaussian", "matern", "polynomial", "linear")
+
+
+@dataclass
+class C3POConfig:
+    """C3PO hyperparameters; defaults are the paper's OLMoE settings where it states them."""
+
+    surrogate: str = field(default="ngd", metadata={"help": "ngd | kernel | mode | oracle (reads labels)"})
+    k: int = field(default=3, metadata={"help": "neighbours per test item (paper Table 4: k=3 best)"})
+    kernel: str = field(default="gaussian", metadata={"help": "gaussian | matern | polynomial | linear"})
+    bandwidth: float | None = field(default=None, metadata={"help": "kernel bandwidth; None = median distance"})
+    critical_layers: int | float | list[int] = field(
+        default=5, metadata={"help": "last n MoE layers, a fraction of them, or explicit layer indices"}
+    )
+    core_experts: int | float = field(default=20, metadata={"help": "top-n experts per item, or a fraction of E"})
+    last_tokens: int = field(default=1, metadata={"help": "re-mix the last n prompt tokens (paper: 1)"})
+    steps: int = field(default=10, metadata={"help": "optimisation steps (NGD, oracle)"})
+    lr: float = field(default=0.1, metadata={"help": "Adam learning rate on the mixing logits"})
+    exclude_above: float = field(default=0.95, metadata={"help": "drop neighbours more similar than this"})
+    mode_iterations: int = field(default=5, metadata={"help": "mean-shift iterations"})
+    mode_alpha: float = field(default=0.5, metadata={"help": "mean-shift step: x <- a x + (1 - a) mean"})
+    kernel_alphas: tuple[float, ...] = field(
+        default=(0.0, 0.25, 0.5, 0.75), metadata={"help": "blend weights tried by kernel regression (1 = own)"}
+    )
+    min_agreement: float | None = field(
+        default=None, metadata={"help": "gate: keep base routing when neighbours' pathway similarity is lower"}
+    )
+    min_gain: float | None = field(
+        default=0.0, metadata={"help": "gate: keep base routing when the neighbours' loss falls by less (relative)"}
+    )
+    reuse_prefix: bool = field(default=True, metadata={"help": "compute layers below the critical ones once"})
+
+    def __post_init__(self) -> None:
+        if self.surrogate not in SURROGATES:
+            raise ValueError(f"surrogate must be one of {SURROGATES}, got {self.surrogate!r}")
+        if self.kernel not in KERNELS:
+            raise ValueError(f"kernel must be one of {KERNELS}, got {self.kernel!r}")
+        for name in ("k", "last_tokens", "mode_iterations"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not isinstance(self.steps, int) or self.steps < 0:
+            raise ValueError(f"steps must be a non-negative integer, got {self.steps!r}")
+        if not (isinstance(self.lr, (int, float)) and 0 < self.lr < float("inf")):
+            raise ValueError(f"lr must be positive and finite, got {self.lr!r}")
+        if not 0.0 < self.exclude_above <= 1.0:
+            raise ValueError(f"exclude_above must be in (0, 1], got {self.exclude_above}")
+
+
+@dataclass
+class Adaptation:
+    """The adapted routing of a batch of test items.
+
+    Attributes:
+        pathway: per-item pathway over the critical layers.
+        abstained: ``[B]`` bool, True where the gate kept the base routing.
+        neighbours: ``[B, k]`` reference ids (empty for ``mode``/``oracle``).
+        stats: per-batch cost (forward/backward passes over the batch, seconds) and surrogate diagnostics.
+    """
+
+    pathway: Pathway
+    abstained: torch.Tensor
+    neighbours: torch.Tensor
+    stats: dict[str, float]
+
+
+class C3PO:
+    """Collaborative pathway optimisation for a batch of test items at a time (all items adapt in one pass)."""
+
+    def __init__(
+        self,
+        rm: RoutedModel,
+        index: ReferenceIndex | None,
+        tokenizer: Any,
+        config: C3POConfig | None = None,
+        embedder: Any = None,
+        **overrides: Any,
+    ) -> None:
+        self.rm, self.index, self.tokenizer = rm, index, tokenizer
+        self.config = config or C3POConfig(**overrides)
+        if config is not None and overrides:
+            self.config = C3POConfig(**{**{f.name: getattr(config, f.name) for f in fields(config)}, **overrides})
+        self.layers = critical_layers(rm, self.config.critical_layers)
+        self.n_core = core_size(rm.num_experts, self.config.core_experts)
+        self.layer_pos = [rm.moe_layers.index(layer) for layer in self.layers]
+        if self.config.surrogate != "oracle":
+            if index is None:
+                raise ValueError(f"surrogate {self.config.surrogate!r} needs a reference index")
+            index.require_nonempty()
+            self.embedder = make_embedder(embedder if embedder is not None else _embedder_spec(index))
+            index._check_compatible(rm.fingerprint(), self.embedder.name)
+            if self.config.k > len(index):
+                raise ReferenceIndexError(f"k={self.config.k} exceeds the {len(index)} items in the reference index")
+
+    # --------------------------------------------------------------------------------------------- adapt
+    def adapt(self, items: Sequence[Item] | Sequence[str]) -> Adaptation:
+        """Find each item's pathway (items: dicts with a prompt — and a label for the oracle — or prompt strings)."""
+        items = [{"prompt": x} if isinstance(x, str) else x for x in items]
+        prompts = [item["prompt"] for item in items]
+        start = time.perf_counter()
+        cfg = self.config
+        own_scores = prompt_pathways(self.rm, self.tokenizer, prompts)  # [B, L_all, E]
+        own = own_pathway(
+            {layer: own_scores[:, p] for layer, p in zip(self.layers, self.layer_pos)}, self.layers, self.n_core
+        )
+        stats: dict[str, float] = {"forward_passes": 1.0, "backward_passes": 0.0}
+        neighbours = torch.zeros(len(items), 0, dtype=torch.long)
+        agreement = torch.ones(len(items))
+        try:
+            if cfg.surrogate == "oracle":
+                result = optimise_oracle(
+                    self.rm, gold_batch(self.tokenizer, items), self.layers, self.n_core, cfg.steps, cfg.lr
+                )
+                result = SurrogateResult(
+                    result.pathway, result.base_nll, result.best_nll, result.forward_passes, result.backward_passes
+                )
+            elif cfg.surrogate == "mode":
+                pathway, _ = mode_finding(
+                    own, own_scores, self.index.pathways, self.layer_pos, cfg.k, cfg.mode_iterations, cfg.mode_alpha
+                )
+                result = SurrogateResult(pathway, torch.zeros(len(items)), torch.zeros(len(items)))
+            else:
+                found = self._neighbours(prompts)
+                neighbours = found.ids
+                weights = kernel_weights(found.similarity, cfg.kernel, cfg.bandwidth)
+                agreement = self._agreement(neighbours)
+                batch, positions = self._neighbour_batch(neighbours)
+                stats["forward_passes"] += 1  # the query embedding
+                if cfg.surrogate == "kernel":
+                    stored = self.index.pathways[neighbours]  # [B, k, L_all, E]
+                    target = core_average(stored, self.layer_pos, own.experts, self.layers, weights)
+                    result = kernel_regression(self.rm, own, target, batch, weights, positions, cfg.kernel_alphas)
+                else:
+                    result = neighbourhood_gd(
+                        self.rm, own, batch, weights, positions, cfg.steps, cfg.lr, cfg.reuse_prefix
+                    )
+                result.forward_passes = result.forward_passes * cfg.k
+                result.backward_passes = result.backward_passes * cfg.k
+        finally:
+            self.rm.clear_mixing(self.layers)
+        abstained = self._gate(result, agreement)
+        stats["forward_passes"] += result.forward_passes
+        stats["backward_passes"] += result.backward_passes
+        stats["seconds"] = time.perf_counter() - start
+        stats["abstained"] = float(abstained.float().mean())
+        stats.update(result.extra)
+        return Adaptation(result.pathway, abstained, neighbours, stats)
+
+    def _neighbours(self, prompts: Sequence[str]):
+        queries = self.embedder(self.rm, self.tokenizer, prompts)
+        found = self.index.search(queries, self.config.k, self.config.exclude_above)
+        if (found.ids < 0).any():
+            raise ReferenceIndexError(
+                f"fewer than k={self.config.k} neighbours left after excluding near-duplicates "
+                f"(similarity > {self.config.exclude_above}); lower k or grow the reference set"
+            )
+        return found
+
+    def _agreement(self, neighbours: torch.Tensor) -> torch.Tensor:
+        """Mean pairwise cosine similarity of the neighbours' pathways in the critical layers ``[B]``."""
+        stored = self.index.pathways[neighbours][:, :, self.layer_pos].flatten(2)  # [B, k, Lc*E]
+        unit = torch.nn.functional.normalize(stored, dim=-1)
+        sim = unit @ unit.transpose(1, 2)
+        k = sim.shape[-1]
+        if k == 1:
+            return torch.ones(len(sim))
+        return (sim.sum((1, 2)) - k) / (k * (k - 1))
+
+    def _neighbour_batch(self, neighbours: torch.Tensor) -> tuple[Any, torch.Tensor]:
+        """Neighbours' prompts + gold answers, ``B * k`` rows item-major, and the re-mixed positions ``[1, n]``."""
+        flat = [self.index.items[int(i)] for i in neighbours.reshape(-1)]
+        batch = gold_batch(self.tokenizer, flat).to(self.rm.model.device)
+        return batch, self._last_positions(batch.prompt_len)
+
+    def _last_positions(self, prompt_len: int) -> torch.Tensor:
+        n = min(self.config.last_tokens, prompt_len)
+        return torch.arange(prompt_len - n, prompt_len)[None]
+
+    def _gate(self, result: SurrogateResult, agreement: torch.Tensor) -> torch.Tensor:
+        cfg = self.config
+        abstain = torch.zeros(len(agreement), dtype=torch.bool)
+        if cfg.min_agreement is not None:
+            abstain |= agreement.cpu() < cfg.min_agreement
+        if cfg.min_gain is not None and cfg.surrogate in ("ngd", "kernel"):
+            gain = (result.loss_before - result.loss_after) / result.loss_before.abs().clamp(min=1e-8)
+            abstain |= gain <= cfg.min_gain
+        return abstain
+
+    # --------------------------------------------------------------------------------------------- apply
+    def apply(self, adaptation: Adaptation, prompt_len: int, rows_per_item: int = 1) -> None:
+        """Install the adapted routing for a batch whose prompts end at column ``prompt_len - 1`` (abstaining
+        items get no re-mixing at all, so they route exactly as the base model)."""
+        positions = self._last_positions(prompt_len).expand(len(adaptation.abstained), -1).clone()
+        positions[adaptation.abstained] = -1
+        adaptation.pathway.apply(self.rm, positions)
+
+    def score_choices(self, items: Sequence[Item], adaptation: Adaptation | None = None) -> list[int]:
+        """Multiple-choice predictions with each item's adapted routing at its last prompt token(s)."""
+        adaptation = adaptation or self.adapt(items)
+        batch, n_choices = choice_batch(self.tokenizer, items)
+        self.apply(adaptation, batch.prompt_len)
+        try:
+            with torch.no_grad():
+                scores = continuation_logprobs(self.rm.model, batch.to(self.rm.model.device))
+        finally:
+            self.rm.clear_mixing(self.layers)
+        return scores.view(len(items), n_choices).argmax(-1).tolist()
+
+    def generate(
+        self,
+        prompts: Sequence[str] | None = None,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        adaptation: Adaptation | None = None,
+        **generate_kwargs: Any,
+    ) -> Any:
+        """``model.generate`` with each prompt's adapted routing at its last prompt token(s).
+
+        Give ``prompts`` (left-padded here) or left-padded ``input_ids``/``attention_mask``. Rows created by
+        ``num_return_sequences`` share their prompt's adaptation (computed once per prompt).
+        """
+        if prompts is None:
+            if input_ids is None:
+                raise ValueError("give prompts or input_ids")
+            if attention_mask is not None and not bool(attention_mask[:, -1].all()):
+                raise ValueError(
+                    "C3PO.generate needs left-padded input_ids (every row's prompt ends at the last column)"
+                )
+            prompts = [
+                self.tokenizer.decode(row[mask.bool()] if attention_mask is not None else row, skip_special_tokens=True)
+                for row, mask in zip(input_ids, attention_mask if attention_mask is not None else input_ids)
+            ]
+        else:
+            batch = prompt_batch(self.tokenizer, prompts)
+            input_ids, attention_mask = batch.input_ids, batch.attention_mask
+        adaptation = adaptation or self.adapt(list(prompts))
+        device = self.rm.model.device
+        self.apply(adaptation, input_ids.shape[1])
+        try:
+            with torch.no_grad():
+                return self.rm.model.generate(
+                    input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), **generate_kwargs
+                )
+        finally:
+            self.rm.clear_mixing(self.layers)
+
+    def neighbour_losses(self, items: Sequence[Item], adaptation: Adaptation) -> torch.Tensor:
+        """The kernel-weighted neighbour loss ``[B]`` of an adaptation (diagnostics)."""
+        if adaptation.neighbours.numel() == 0:
+            raise ValueError("this adaptation has no neighbours (mode finding or oracle)")
+        found = self.index.search(self.embedder(self.rm, self.tokenizer, [i["prompt"] for i in items]), self.config.k)
+        weights = kernel_weights(found.similarity, self.config.kernel, self.config.bandwidth)
+        batch, positions = self._neighbour_batch(adaptation.neighbours)
+        try:
+            with torch.no_grad():
+                return neighbour_loss(self.rm, adaptation.pathway, batch, weights, positions).cpu()
+        finally:
+            self.rm.clear_mixing(self.layers)
+
+
+def _embedder_spec(index: ReferenceIndex) -> str | None:
+    if index.embedder_name == "hidden-mean":
+        return "hidden"
+    if index.embedder_name == "routing-pathway":
+        return "pathway"
+    if index.embedder_name.startswith("sentence-transformers:"):
+        return index.embedder_name.split(":", 1)[1]
+    raise ReferenceIndexError(f"the index was built with {index.embedder_name}; pass the same embedder object")

@@ -1,0 +1,221 @@
+"""C3PO's surrogate objectives (paper §3.1–3.3): find a test item's pathway from its successful neighbours.
+
+All functions are batched over B test items. A pathway is the set of mixing logits over each item's core
+experts in the critical layers (:class:`~reroute.c3po.pathway.Pathway`); neighbours are given per item as
+reference-index ids ``[B, k]`` with kernel weights ``[B, k]`` (rows summing to 1).
+
+* ``mode_finding`` — mean-shift in pathway space (eq. 7–8): no forward passes.
+* ``kernel_regression`` — kernel-weighted average of the neighbours' pathways, blended with the item's own;
+  the blend weight minimises the neighbours' loss (eq. 4–6): one forward per candidate blend.
+* ``neighbourhood_gd`` — NGD: gradient descent on the kernel-weighted loss of the neighbours' gold answers with
+  the item's pathway plugged into their forwards (eq. 3).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from reroute.attach import RoutedModel
+from reroute.c3po.pathway import Pathway
+from reroute.c3po.prefix import PrefixCache
+from reroute.scoring import ContinuationBatch, continuation_logprobs
+
+
+def kernel_weights(similarity: torch.Tensor, kind: str = "gaussian", bandwidth: float | None = None) -> torch.Tensor:
+    """Kernel weights ``[B, k]`` from cosine similarities ``[B, k]`` (rows normalised to sum to 1).
+
+    Distances are ``d = sqrt(2 - 2 s)`` (unit vectors). ``bandwidth`` defaults to each row's median neighbour
+    distance, so the kernel adapts to how far the neighbourhood is. Kinds: ``gaussian`` exp(-d²/2h²),
+    ``matern`` (ν = 3/2), ``polynomial`` (s + 1)², ``linear`` max(s, 0) (paper Table 6).
+    """
+    distance = (2.0 - 2.0 * similarity.clamp(-1.0, 1.0)).clamp(min=0.0).sqrt()
+    if bandwidth is None:
+        h = distance.median(dim=-1, keepdim=True).values.clamp(min=1e-3)
+    else:
+        if not bandwidth > 0:
+            raise ValueError(f"bandwidth must be positive, got {bandwidth}")
+        h = torch.full_like(distance[:, :1], float(bandwidth))
+    # log-weights, normalised with a softmax: as the bandwidth goes to 0 the nearest neighbour takes all the weight
+    if kind == "gaussian":
+        log_weights = -(distance**2) / (2 * h**2)
+    elif kind == "matern":
+        scaled = math.sqrt(3.0) * distance / h
+        log_weights = torch.log1p(scaled) - scaled
+    elif kind == "polynomial":
+        log_weights = 2 * torch.log((similarity + 1.0).clamp(min=1e-12))
+    elif kind == "linear":
+        log_weights = torch.log(similarity.clamp(min=0.0) + 1e-12)
+    else:
+        raise ValueError(f"unknown kernel {kind!r}: use gaussian, matern, polynomial or linear")
+    return torch.softmax(log_weights, dim=-1)
+
+
+def core_average(
+    pathways: torch.Tensor,
+    layers_pos: Sequence[int],
+    experts: dict[int, torch.Tensor],
+    layers: Sequence[int],
+    weights: torch.Tensor,
+) -> dict[int, torch.Tensor]:
+    """Weighted average of reference pathways on each item's core, normalised over the core.
+
+    ``pathways [B, k, L_all, E]`` neighbours' stored routing scores; ``layers_pos`` the positions of the
+    critical layers in ``L_all``; ``experts {layer: [B, C]}``; ``weights [B, k]``. Returns ``{layer: [B, C]}``.
+    """
+    out = {}
+    for layer, pos in zip(layers, layers_pos):
+        scores = pathways[:, :, pos]  # [B, k, E]
+        core = scores.gather(2, experts[layer][:, None, :].expand(-1, scores.shape[1], -1))  # [B, k, C]
+        core = core / core.sum(-1, keepdim=True).clamp(min=1e-30)
+        out[layer] = (weights[..., None] * core).sum(1)
+    return out
+
+
+@dataclass
+class SurrogateResult:
+    """Per item: the chosen pathway, the neighbours' loss before/after, and cost counters."""
+
+    pathway: Pathway
+    loss_before: torch.Tensor
+    loss_after: torch.Tensor
+    forward_passes: int = 0
+    backward_passes: int = 0
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+def neighbour_loss(
+    rm: RoutedModel, pathway: Pathway, neighbours: ContinuationBatch, weights: torch.Tensor, positions: torch.Tensor
+) -> torch.Tensor:
+    """Kernel-weighted NLL of the neighbours' gold answers ``[B]`` with each item's pathway in their forward.
+
+    ``neighbours`` has ``B * k`` rows, item-major; the pathway's ``[B, C]`` state expands over them.
+    """
+    pathway.apply(rm, positions)
+    nll = -continuation_logprobs(rm.model, neighbours)  # [B * k]
+    return (nll.view(weights.shape) * weights.to(nll.device)).sum(-1)
+
+
+def mode_finding(
+    own: Pathway,
+    own_scores: torch.Tensor,
+    reference: torch.Tensor,
+    layers_pos: Sequence[int],
+    k: int,
+    iterations: int = 5,
+    alpha: float = 0.5,
+) -> tuple[Pathway, torch.Tensor]:
+    """Mean-shift from each item's own pathway toward the local mode of the reference pathways (eq. 7–8).
+
+    ``own_scores [B, L_all, E]`` the items' routing scores; ``reference [N, L_all, E]`` all stored pathways.
+    Neighbourhoods and the Gaussian kernel (bandwidth: median neighbour distance) live in pathway space over the
+    critical layers. Returns the new pathway and the final point ``[B, Lc * E]``.
+    """
+    if not 0.0 <= alpha < 1.0:
+        raise ValueError(f"mode-finding alpha must be in [0, 1), got {alpha}")
+    pos = list(layers_pos)
+    points = reference[:, pos].flatten(1)  # [N, Lc*E]
+    current = own_scores[:, pos].flatten(1)
+    for _ in range(iterations):
+        distance = torch.cdist(current, points)  # [B, N]
+        near, ids = distance.topk(min(k, len(points)), dim=-1, largest=False)
+        h = near.median(dim=-1, keepdim=True).values.clamp(min=1e-6)
+        w = torch.exp(-(near**2) / (2 * h**2))
+        w = w / w.sum(-1, keepdim=True)
+        mean = (w[..., None] * points[ids]).sum(1)
+        current = alpha * current + (1 - alpha) * mean
+    shaped = current.view(len(current), len(pos), -1)
+    logits = {}
+    for i, layer in enumerate(own.layers):
+        core = shaped[:, i].gather(1, own.experts[layer])
+        logits[layer] = (core / core.sum(-1, keepdim=True).clamp(min=1e-30)).clamp(min=1e-30).log()
+    return Pathway(list(own.layers), own.experts, logits), current
+
+
+def kernel_regression(
+    rm: RoutedModel,
+    own: Pathway,
+    target: dict[int, torch.Tensor],
+    neighbours: ContinuationBatch,
+    weights: torch.Tensor,
+    positions: torch.Tensor,
+    alphas: Sequence[float] = (0.0, 0.25, 0.5, 0.75, 1.0),
+) -> SurrogateResult:
+    """Blend ``alpha * own + (1 - alpha) * kernel average`` (probabilities over the core) with ``alpha`` chosen per
+    item among ``alphas`` to minimise the neighbours' loss. ``alpha = 1`` is the base routing."""
+    alphas = sorted(set(float(a) for a in alphas) | {1.0})
+    losses, candidates = [], []
+    with torch.no_grad():
+        for alpha in alphas:
+            logits = {}
+            for layer in own.layers:
+                mix = alpha * own.omega(layer) + (1 - alpha) * target[layer].to(own.logits[layer].device)
+                logits[layer] = mix.clamp(min=1e-30).log()
+            candidate = Pathway(list(own.layers), own.experts, logits)
+            losses.append(neighbour_loss(rm, candidate, neighbours, weights, positions).float().cpu())
+            candidates.append(candidate)
+    table = torch.stack(losses, dim=1)  # [B, A]
+    best = table.argmin(dim=1)
+    chosen = {
+        layer: torch.stack([candidates[int(a)].logits[layer][b] for b, a in enumerate(best)]) for layer in own.layers
+    }
+    base_loss = table[:, alphas.index(1.0)]
+    return SurrogateResult(
+        Pathway(list(own.layers), own.experts, chosen),
+        base_loss,
+        table.gather(1, best[:, None])[:, 0],
+        forward_passes=len(alphas),
+        extra={"alpha": float(torch.tensor([alphas[int(a)] for a in best]).mean())},
+    )
+
+
+def neighbourhood_gd(
+    rm: RoutedModel,
+    own: Pathway,
+    neighbours: ContinuationBatch,
+    weights: torch.Tensor,
+    positions: torch.Tensor,
+    steps: int = 10,
+    lr: float = 0.1,
+    reuse_prefix: bool = True,
+) -> SurrogateResult:
+    """NGD: Adam on each item's mixing logits, minimising the kernel-weighted NLL of its neighbours' gold
+    answers. Returns the iterate with the lowest neighbour loss per item (the start, i.e. base routing, included).
+
+    With ``reuse_prefix`` the layers below the first critical layer run once and are reused by every step.
+    """
+    params = {layer: own.logits[layer].detach().clone().requires_grad_() for layer in own.layers}
+    working = Pathway(list(own.layers), own.experts, params)
+    optimizer = torch.optim.Adam(list(params.values()), lr=lr)
+    best = own.detached()
+    best_loss = torch.full((weights.shape[0],), float("inf"))
+    first = None
+    forwards = backwards = 0
+
+    def run() -> None:
+        continuation_logprobs(rm.model, neighbours)
+
+    first_layer = min(own.layers) if reuse_prefix else 0
+    with PrefixCache(rm, first_layer, run):
+        for step in range(steps + 1):
+            with torch.set_grad_enabled(step < steps):
+                loss = neighbour_loss(rm, working, neighbours, weights, positions)
+            forwards += 1
+            current = loss.detach().float().cpu()
+            if first is None:
+                first = current.clone()
+            improved = current < best_loss
+            best_loss = torch.where(improved, current, best_loss)
+            for layer in own.layers:
+                rows = improved.to(params[layer].device)
+                best.logits[layer][rows] = params[layer].detach()[rows]
+            if step == steps:
+                break
+            optimizer.zero_grad(set_to_none=True)
+            loss.sum().backward()
+            backwards += 1
+            optimizer.step()
+    return SurrogateResult(best, first, best_loss, forward_passes=forwards, backward_passes=backwards)

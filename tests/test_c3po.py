@@ -1,0 +1,234 @@
+"""C3PO on tiny models: reference index, surrogates, gate, front doors, bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import reroute
+from reroute.c3po import C3PO, C3POConfig, ReferenceIndex, ReferenceIndexError
+from reroute.c3po.pathway import Pathway, own_pathway
+from reroute.c3po.surrogates import core_average, kernel_weights, mode_finding, neighbour_loss
+from reroute.scoring import gold_batch
+from reroute.testing import tiny_model, tiny_tokenizer
+
+
+def _items(n: int, seed: int, length: int = 5) -> list[dict]:
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        words = [f"w{int(t)}" for t in torch.randint(3, 96, (length,), generator=gen)]
+        choices = [f" w{int(t)}" for t in torch.randperm(90, generator=gen)[:4] + 3]
+        out.append({"prompt": " ".join(words), "choices": choices, "label": i % 4})
+    return out
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    rm = reroute.attach(tiny_model("olmoe"))
+    tok = tiny_tokenizer()
+    path = tmp_path_factory.mktemp("index")
+    index = ReferenceIndex.build(rm, tok, _items(80, 1), path=path, progress=False)
+    return rm, tok, index, path
+
+
+def test_index_keeps_only_successful_items_and_round_trips(setup):
+    rm, tok, index, path = setup
+    assert 0 < len(index) < 80 and len(index.seen) == 80
+    for item in index.items[:5]:  # every stored item is answered correctly by the base model
+        assert reroute.scoring.score_with(rm, tok, [item]) == [item["label"]]
+    assert index.pathways.shape == (len(index), len(rm.moe_layers), rm.num_experts)
+    torch.testing.assert_close(index.pathways.sum(-1), torch.ones(len(index), len(rm.moe_layers)))
+    loaded = ReferenceIndex.load(path, rm)
+    assert loaded.items == index.items and torch.equal(loaded.pathways, index.pathways)
+    assert not list(path.glob("*.pkl")) and {p.name for p in path.iterdir()} == {
+        "embeddings.faiss",
+        "pathways.safetensors",
+        "index.json",
+    }
+
+
+def test_index_resumes_and_extends(setup, tmp_path):
+    rm, tok, _, _ = setup
+    first = ReferenceIndex.build(rm, tok, _items(30, 1), path=tmp_path, progress=False)
+    resumed = ReferenceIndex.build(rm, tok, _items(40, 1), path=tmp_path, progress=False)
+    assert len(resumed.seen) == 40 and resumed.items[: len(first)] == first.items
+    full = ReferenceIndex.build(rm, tok, _items(40, 1), progress=False)
+    assert resumed.items == full.items
+    torch.testing.assert_close(resumed.embeddings, full.embeddings)
+
+
+def test_search_excludes_near_duplicates(setup):
+    rm, tok, index, _ = setup
+    query = index.embeddings[:2]
+    found = index.search(query, k=3)
+    assert (found.ids[:, 0] != torch.tensor([0, 1])).all()  # the item itself (similarity 1) is excluded
+    assert (found.similarity <= 0.95).all()
+    kept = index.search(query, k=3, exclude_above=1.0)
+    assert kept.ids[:, 0].tolist() == [0, 1]
+
+
+def test_index_errors(setup, tmp_path):
+    rm, tok, index, path = setup
+    with pytest.raises(ReferenceIndexError, match="exceeds"):
+        index.search(index.embeddings[:1], k=len(index) + 1)
+    with pytest.raises(ReferenceIndexError, match="dimensional"):
+        index.search(torch.randn(1, index.dim + 3), k=1)
+    with pytest.raises(ReferenceIndexError, match="another model"):
+        ReferenceIndex.load(path, reroute.attach(tiny_model("mixtral")))
+    with pytest.raises(ReferenceIndexError, match="cannot use embedder"):
+        ReferenceIndex.load(path, rm, embedder="pathway")
+    with pytest.raises(ValueError, match="no label"):
+        ReferenceIndex.build(rm, tok, [{"prompt": "w5 w6"}], progress=False)
+    with pytest.raises(ValueError, match="no items"):
+        ReferenceIndex.build(rm, tok, [], progress=False)
+    hopeless = [dict(item, label=(item["label"] + 1) % 4) for item in index.items]  # every label wrong
+    empty = ReferenceIndex.build(rm, tok, hopeless, progress=False)
+    with pytest.raises(ReferenceIndexError, match="empty"):
+        C3PO(rm, empty, tok)
+    with pytest.raises(ReferenceIndexError, match="exceeds"):
+        C3PO(rm, index, tok, k=len(index) + 1)
+    broken = tmp_path / "broken"
+    index.save(broken)
+    meta = json.loads((broken / "index.json").read_text())
+    meta["size"] += 1
+    (broken / "index.json").write_text(json.dumps(meta))
+    with pytest.raises(ReferenceIndexError, match="truncated"):
+        ReferenceIndex.load(broken)
+    (broken / "index.json").write_text("{")
+    with pytest.raises(ReferenceIndexError, match="corrupted"):
+        ReferenceIndex.load(broken)
+    index.save(broken)
+    (broken / "embeddings.faiss").write_bytes(b"garbage")
+    with pytest.raises(ReferenceIndexError, match="corrupted"):
+        ReferenceIndex.load(broken)
+    with pytest.raises(FileNotFoundError):
+        ReferenceIndex.load(tmp_path / "nothing")
+
+
+def test_ngd_lowers_the_neighbours_loss(setup):
+    rm, tok, index, _ = setup
+    c3po = C3PO(rm, index, tok, surrogate="ngd", critical_layers=2, core_experts=6, steps=8, lr=0.3, min_gain=None)
+    test = _items(6, 2)
+    adaptation = c3po.adapt(test)
+    own = C3PO(rm, index, tok, surrogate="ngd", critical_layers=2, core_experts=6, steps=0, min_gain=None).adapt(test)
+    after = c3po.neighbour_losses(test, adaptation)
+    before = c3po.neighbour_losses(test, own)
+    assert (after <= before + 1e-5).all() and (after < before).any()
+    assert adaptation.stats["backward_passes"] == 8 * 3  # steps x k neighbours per item
+    assert all(layer.mixing is None for layer in rm.layers.values())
+
+
+def test_prefix_reuse_gives_the_same_ngd_result(setup):
+    rm, tok, index, _ = setup
+    test = _items(4, 3)
+    kwargs = dict(surrogate="ngd", critical_layers=1, core_experts=6, steps=4, lr=0.3, min_gain=None)
+    fast = C3PO(rm, index, tok, reuse_prefix=True, **kwargs).adapt(test)
+    slow = C3PO(rm, index, tok, reuse_prefix=False, **kwargs).adapt(test)
+    for layer in fast.pathway.layers:
+        torch.testing.assert_close(fast.pathway.logits[layer], slow.pathway.logits[layer], rtol=1e-4, atol=1e-5)
+
+
+def test_kernel_regression_with_one_neighbour_at_zero_bandwidth_returns_its_pathway(setup):
+    rm, tok, index, _ = setup
+    similarity = torch.tensor([[0.9, 0.5, 0.1]])
+    weights = kernel_weights(similarity, "gaussian", bandwidth=1e-4)
+    torch.testing.assert_close(weights, torch.tensor([[1.0, 0.0, 0.0]]))
+    experts = {2: torch.tensor([[0, 3, 5]])}
+    stored = index.pathways[torch.tensor([[4, 7, 9]])]
+    target = core_average(stored, [2], experts, [2], weights)
+    expected = index.pathways[4, 2, [0, 3, 5]]
+    torch.testing.assert_close(target[2][0], expected / expected.sum())
+    for kind in ("gaussian", "matern", "polynomial", "linear"):
+        w = kernel_weights(similarity, kind)
+        torch.testing.assert_close(w.sum(-1), torch.ones(1))
+        assert w[0, 0] >= w[0, 1] >= w[0, 2]
+
+
+def test_mode_finding_converges_on_a_planted_mode():
+    gen = torch.Generator().manual_seed(0)
+    experts = 8
+    mode = torch.softmax(3 * torch.randn(1, 1, experts, generator=gen), -1)
+    reference = (mode + 0.01 * torch.randn(30, 1, experts, generator=gen)).clamp(min=1e-4)
+    reference = reference / reference.sum(-1, keepdim=True)
+    start = torch.softmax(torch.randn(1, 1, experts, generator=gen), -1)
+    start = 0.6 * start + 0.4 * mode
+    own = own_pathway({0: start[:, 0]}, [0], experts)
+    pathway, point = mode_finding(own, start, reference, [0], k=10, iterations=30, alpha=0.3)
+    assert torch.dist(point, mode.flatten(1)) < 0.2 * torch.dist(start.flatten(1), mode.flatten(1))
+    torch.testing.assert_close(
+        pathway.omega(0)[0].sort().values, point[0].sort().values / point.sum(), atol=1e-3, rtol=1e-3
+    )
+
+
+def test_gate_abstains_and_abstaining_items_route_exactly_as_base(setup):
+    rm, tok, index, _ = setup
+    test = _items(5, 4)
+    c3po = C3PO(rm, index, tok, surrogate="kernel", critical_layers=2, core_experts=6, min_agreement=2.0)
+    adaptation = c3po.adapt(test)
+    assert adaptation.abstained.all() and adaptation.stats["abstained"] == 1.0
+    base = reroute.scoring.choice_batch(tok, test)[0]
+    with torch.no_grad():
+        plain = reroute.scoring.continuation_logprobs(rm.model, base)
+    c3po.apply(adaptation, base.prompt_len)
+    with torch.no_grad():
+        gated = reroute.scoring.continuation_logprobs(rm.model, base)
+    rm.clear_mixing()
+    assert torch.equal(gated, plain)
+
+
+def test_surrogates_and_front_doors_run(setup):
+    rm, tok, index, _ = setup
+    test = _items(4, 5)
+    for surrogate in ("mode", "kernel", "ngd", "oracle"):
+        c3po = C3PO(rm, index, tok, surrogate=surrogate, critical_layers=2, core_experts=6, steps=3)
+        predictions = c3po.score_choices(test)
+        assert len(predictions) == 4 and all(0 <= p < 4 for p in predictions)
+    c3po = C3PO(rm, index, tok, critical_layers=2, core_experts=6, steps=2)
+    prompts = [t["prompt"] for t in test[:2]]
+    adaptation = c3po.adapt(prompts)
+    out = c3po.generate(
+        prompts=prompts, adaptation=adaptation, max_new_tokens=3, do_sample=True, top_k=1, num_return_sequences=2
+    )
+    assert out.shape[0] == 4 and torch.equal(out[0], out[1])
+    batch = reroute.scoring.prompt_batch(tok, prompts)
+    same = c3po.generate(
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask,
+        adaptation=adaptation,
+        max_new_tokens=3,
+        do_sample=False,
+    )
+    assert torch.equal(same, out[::2])
+
+
+def test_neighbour_pathway_plugged_into_neighbour_forward(setup):
+    """The test item's pathway reaches every one of its k neighbour rows (state expands item-major)."""
+    rm, tok, index, _ = setup
+    own = own_pathway({2: index.pathways[:2, 2]}, [2], rm.num_experts)  # core = all experts
+    neighbours = gold_batch(tok, [index.items[i] for i in (3, 4, 5, 6)])  # 2 items x k=2
+    weights = torch.full((2, 2), 0.5)
+    positions = torch.tensor([[neighbours.prompt_len - 1]])
+    with torch.no_grad(), rm.trace() as trace:
+        mixing = torch.tensor([[9.0] + [-9.0] * (rm.num_experts - 1)] * 2)  # all mass on the item's top expert
+        neighbour_loss(rm, Pathway([2], own.experts, {2: mixing}), neighbours, weights, positions)
+    rm.clear_mixing()
+    chosen = trace.indices(2)[:, neighbours.prompt_len - 1]  # [4, k]
+    for row in range(4):
+        assert int(own.experts[2][row // 2, 0]) in chosen[row].tolist()
+
+
+def test_config_validation():
+    for bad in (
+        dict(surrogate="magic"),
+        dict(k=0),
+        dict(steps=-1),
+        dict(lr=0.0),
+        dict(kernel="rbf"),
+        dict(exclude_above=0.0),
+        dict(last_tokens=0),
+    ):
+        with pytest.raises(ValueError):
+            C3POConfig(**bad)
