@@ -232,3 +232,17 @@ def test_config_validation():
     ):
         with pytest.raises(ValueError):
             C3POConfig(**bad)
+
+
+def test_c3po_through_the_harness(setup):
+    from reroute.eval import make_method, run_eval
+
+    rm, tok, index, path = setup
+    test = _items(6, 6)
+    for surrogate in ("ngd", "kernel"):
+        method = make_method(
+            "c3po", index=str(path), surrogate=surrogate, options=dict(critical_layers=2, core_experts=6, steps=2)
+        )
+        result = run_eval(rm, tok, test, method, split="toy", mode="mc", batch_size=3, progress=False)
+        assert result.n == 6 and result.stats["forward_passes"] > 1
+        assert 0.0 <= result.stats["abstained"] <= 1.0

@@ -98,7 +98,7 @@ def test_generation_mode_and_reports(setup, tmp_path):
 def test_unavailable_methods_do_not_run(setup):
     rm, tok = setup
     with pytest.raises(MethodNotAvailable, match="not implemented"):
-        run_eval(rm, tok, _items(2), make_method("c3po"), progress=False)
+        run_eval(rm, tok, _items(2), make_method("rerouting"), progress=False)
     with pytest.raises(ValueError, match="unknown method"):
         make_method("magic")
 

@@ -15,7 +15,7 @@ import torch
 
 from reroute.attach import RoutedModel
 from reroute.data import Item
-from reroute.scoring import choice_batch, generate_with, gold_batch, score_with
+from reroute.scoring import choice_batch, generate_with, gold_batch, prompt_batch, score_with
 
 
 class MethodNotAvailable(RuntimeError):
@@ -79,6 +79,53 @@ class Oracle:
 
 
 @dataclass
+class C3POMethod:
+    """C3PO with a reference index (``index``: a :class:`~reroute.c3po.ReferenceIndex` or a folder holding one);
+    ``options`` are :class:`~reroute.c3po.C3POConfig` fields (surrogate, k, steps, gate, ...)."""
+
+    index: Any = None
+    surrogate: str = "ngd"
+    options: dict[str, Any] = field(default_factory=dict)
+    name: str = "c3po"
+    stats: dict[str, float] = field(default_factory=dict)
+
+    def _c3po(self, rm: RoutedModel, tokenizer: Any):
+        from reroute.c3po import C3PO, ReferenceIndex
+
+        if self.index is None and self.surrogate != "oracle":
+            raise ValueError("C3PO needs a reference index (build one with reroute.ReferenceIndex.build)")
+        if self.index is not None and not isinstance(self.index, ReferenceIndex):
+            self.index = ReferenceIndex.load(self.index, rm)
+        return C3PO(rm, self.index, tokenizer, surrogate=self.surrogate, **self.options)
+
+    def _record(self, adaptation: Any, rows: int) -> None:
+        for key in ("forward_passes", "backward_passes"):
+            self.stats[key] = self.stats.get(key, 0.0) + adaptation.stats[key] * rows
+        self.stats["abstained"] = self.stats.get("abstained", 0.0) + float(adaptation.abstained.sum())
+
+    def score_choices(self, rm: RoutedModel, tokenizer: Any, items: Sequence[Item]) -> list[int]:
+        c3po = self._c3po(rm, tokenizer)
+        adaptation = c3po.adapt(items)
+        self._record(adaptation, len(items))
+        return c3po.score_choices(items, adaptation)
+
+    def generate(self, rm: RoutedModel, tokenizer: Any, items: Sequence[Item], max_new_tokens: int) -> list[str]:
+        c3po = self._c3po(rm, tokenizer)
+        adaptation = c3po.adapt(items)
+        self._record(adaptation, len(items))
+        batch = prompt_batch(tokenizer, [item["prompt"] for item in items])
+        out = c3po.generate(
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            adaptation=adaptation,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        return [tokenizer.decode(row[batch.prompt_len :], skip_special_tokens=True).strip() for row in out]
+
+
+@dataclass
 class Unavailable:
     """A planned method that this installation cannot run yet."""
 
@@ -99,7 +146,7 @@ def _unavailable(name: str, issue: str) -> Callable[..., Unavailable]:
 METHODS: dict[str, Callable[..., Any]] = {
     "base": Base,
     "oracle": Oracle,
-    "c3po": _unavailable("c3po", "C3PO surrogates: mode, kernel, ngd"),
+    "c3po": C3POMethod,
     "rerouting": _unavailable("rerouting", "continuous rerouting"),
     "scmoe": _unavailable("scmoe", "SCMoE self-contrast decoding"),
 }
