@@ -2,7 +2,7 @@
 
 Where things are: ``index.py`` (reference index), ``embed.py`` (embedders), ``pathway.py`` (critical layers,
 core experts), ``surrogates.py`` (mode finding, kernel regression, NGD), ``oracle.py`` (upper bound),
-``prefix.py`` (reuse of the layers below the critical ones), ``method.py`` (``C3PO``, ``C3POConfig``).
+``method.py`` (``C3PO``, ``C3POConfig``).
 """
 
 from reroute.c3po.embed import CallableEmbedder, HiddenStateEmbedder, PathwayEmbedder, make_embedder

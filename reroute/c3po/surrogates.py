@@ -21,7 +21,7 @@ import torch
 
 from reroute.attach import RoutedModel
 from reroute.c3po.pathway import Pathway
-from reroute.c3po.prefix import PrefixCache
+from reroute.prefix import PrefixCache
 from reroute.scoring import ContinuationBatch, continuation_logprobs
 
 
