@@ -1,0 +1,191 @@
+"""One adaptation phase of continuous rerouting (arXiv 2510.14853 §3.2–3.3).
+
+Per-sequence additive router-logit vectors δ ``[B, L_sel, E]`` (one ``[E]`` vector per selected MoE layer and
+batch row, shared over positions) are optimised for a few steps on the next-token loss of the row's own context
+(prompt + text generated so far, padding masked). Rows are independent: the loss is a sum over rows and Adam is
+element-wise, so a batch adapts exactly as its rows would alone.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from reroute.attach import RoutedModel
+from reroute.prefix import PrefixCache
+
+
+@dataclass
+class RerouterConfig:
+    """Continuous-rerouting hyperparameters (paper: lr 0.05, 5 steps, every 128 tokens)."""
+
+    interval: int = field(default=128, metadata={"help": "generated tokens between adaptation phases"})
+    steps: int = field(default=5, metadata={"help": "optimisation steps per phase (0 = plain decoding)"})
+    lr: float = field(default=0.05, metadata={"help": "Adam learning rate on δ"})
+    layers: str | Sequence[int] = field(
+        default="all", metadata={"help": "'all', 'confidence' (select by C_i) or a list of MoE layer indices"}
+    )
+    selection: str = field(default="hard", metadata={"help": "'hard' top-r fraction of layers or 'soft' weighting"})
+    ratio: float = field(default=0.5, metadata={"help": "hard selection: fraction of MoE layers adapted"})
+    prefer: str = field(
+        default="uncertain",
+        metadata={
+            "help": "which end of C_i = -mean log p(selected experts) to adapt: 'uncertain' (high C_i, what the "
+            "paper's formula selects) or 'confident' (low C_i, what its text says)"
+        },
+    )
+    max_norm: float | None = field(default=None, metadata={"help": "clip each row's δ to this L2 norm per layer"})
+    l2: float = field(default=0.0, metadata={"help": "L2 penalty on δ added to the loss"})
+    rebuild_cache: bool = field(
+        default=True, metadata={"help": "re-prefill the KV cache under the new routing (False: keep the stale cache)"}
+    )
+    reuse_prefix: bool = field(default=True, metadata={"help": "run the layers below the first adapted layer once"})
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.interval, int) or isinstance(self.interval, bool) or self.interval < 1:
+            raise ValueError(f"interval must be an integer >= 1, got {self.interval!r}")
+        if not isinstance(self.steps, int) or isinstance(self.steps, bool) or self.steps < 0:
+            raise ValueError(f"steps must be an integer >= 0, got {self.steps!r}")
+        if not isinstance(self.lr, (int, float)) or not math.isfinite(self.lr) or self.lr <= 0:
+            raise ValueError(f"lr must be positive and finite, got {self.lr!r}")
+        if isinstance(self.layers, str) and self.layers not in ("all", "confidence"):
+            raise ValueError(f"layers must be 'all', 'confidence' or a list of MoE layer indices, got {self.layers!r}")
+        if self.selection not in ("hard", "soft"):
+            raise ValueError(f"selection must be 'hard' or 'soft', got {self.selection!r}")
+        if self.prefer not in ("uncertain", "confident"):
+            raise ValueError(f"prefer must be 'uncertain' or 'confident', got {self.prefer!r}")
+        if not 0.0 < self.ratio <= 1.0:
+            raise ValueError(f"ratio must be in (0, 1], got {self.ratio}")
+        if self.max_norm is not None and not self.max_norm > 0:
+            raise ValueError(f"max_norm must be positive, got {self.max_norm}")
+        if not (math.isfinite(self.l2) and self.l2 >= 0):
+            raise ValueError(f"l2 must be a non-negative number, got {self.l2}")
+
+
+def context_loss(rm: RoutedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Per-row mean next-token NLL over the context ``[B]`` (padding and the first token excluded)."""
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    logits = rm.model(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+    ).logits
+    logprobs = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    nll = -logprobs.gather(-1, input_ids[:, 1:, None])[..., 0]
+    mask = (attention_mask[:, 1:] * attention_mask[:, :-1]).float()
+    return (nll * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+
+
+def routing_confidence(rm: RoutedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[int, float]:
+    """The paper's per-layer score C_i = -mean over tokens and selected experts of log p(expert), ``{layer: C_i}``.
+
+    High C_i means the router puts *little* probability on its choices (low confidence) — the inconsistency
+    reviewers noted; ``RerouterConfig.prefer`` makes the direction explicit.
+    """
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad(), rm.trace() as trace:
+        rm.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+    mask = attention_mask.bool().cpu()
+    scores = {}
+    for layer in rm.moe_layers:
+        probs = trace.scores(layer)
+        probs = probs / probs.sum(-1, keepdim=True)  # sigmoid-scored families: normalise to a distribution
+        chosen = probs.gather(-1, trace.indices(layer).clamp(min=0))[..., : rm.layer(layer).top_k]
+        scores[layer] = float(-chosen.clamp(min=1e-30).log().mean(-1)[mask].mean())
+    return scores
+
+
+def select_layers(rm: RoutedModel, config: RerouterConfig, confidence: dict[int, float] | None) -> dict[int, float]:
+    """``{layer: gradient weight}`` of the layers adapted in this phase."""
+    if not isinstance(config.layers, str):
+        chosen = sorted({int(i) for i in config.layers})
+        for idx in chosen:
+            rm.layer(idx)  # a clear error for a layer that is not an MoE layer
+        return {idx: 1.0 for idx in chosen}
+    if config.layers == "all":
+        return {idx: 1.0 for idx in rm.moe_layers}
+    assert confidence is not None
+    sign = 1.0 if config.prefer == "uncertain" else -1.0
+    if config.selection == "hard":
+        count = max(1, round(config.ratio * len(confidence)))
+        ranked = sorted(confidence, key=lambda i: -sign * confidence[i])[:count]
+        return {idx: 1.0 for idx in sorted(ranked)}
+    values = torch.tensor([sign * confidence[i] for i in rm.moe_layers])
+    weights = torch.softmax(values / values.std().clamp(min=1e-6), 0) * len(values)
+    return dict(zip(rm.moe_layers, weights.tolist()))
+
+
+@dataclass
+class PhaseResult:
+    """Outcome of one phase: the new δ ``[B, L_sel, E]``, the context loss before and after ``[B]``, cost."""
+
+    delta: torch.Tensor
+    loss_before: torch.Tensor
+    loss_after: torch.Tensor
+    forward_passes: int
+    backward_passes: int
+    rolled_back: bool
+
+
+def adapt_phase(
+    rm: RoutedModel,
+    config: RerouterConfig,
+    layers: dict[int, float],
+    delta: torch.Tensor,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+) -> PhaseResult:
+    """Run ``config.steps`` Adam steps on ``delta [B, L_sel, E]`` (updated in place on success).
+
+    A step whose loss is not finite is rolled back: δ returns to the last good value with a warning.
+    The loss of the final δ is measured by one more forward (no gradient).
+    """
+    order = list(layers)
+    weights = torch.tensor([layers[i] for i in order], device=delta.device)[None, :, None]
+    param = delta.detach().clone().requires_grad_()
+    optimizer = torch.optim.Adam([param], lr=config.lr)
+    last_good = param.detach().clone()
+    rm.set_row_offsets({idx: param[:, j] for j, idx in enumerate(order)})
+    forwards = backwards = 0
+    rolled_back = False
+    before = None
+    first_layer = min(order) if config.reuse_prefix else 0
+    with PrefixCache(rm, first_layer, lambda: context_loss(rm, input_ids, attention_mask)):
+        for _ in range(config.steps):
+            loss = context_loss(rm, input_ids, attention_mask)
+            forwards += 1
+            if before is None:
+                before = loss.detach().cpu()
+            if not torch.isfinite(loss).all():
+                rolled_back = True
+                break
+            total = loss.sum() + config.l2 * param.pow(2).sum()
+            optimizer.zero_grad(set_to_none=True)
+            total.backward()
+            backwards += 1
+            param.grad.mul_(weights)  # soft selection: per-layer gradient weights (1 for hard/all)
+            last_good = param.detach().clone()
+            optimizer.step()
+            if config.max_norm is not None:
+                with torch.no_grad():
+                    norms = param.norm(dim=-1, keepdim=True).clamp(min=1e-12)
+                    param.mul_(torch.clamp(config.max_norm / norms, max=1.0))
+        with torch.no_grad():
+            after = context_loss(rm, input_ids, attention_mask).cpu()
+            forwards += 1
+        if not torch.isfinite(after).all():
+            rolled_back = True
+            with torch.no_grad():
+                param.copy_(last_good)
+                after = context_loss(rm, input_ids, attention_mask).cpu()
+            forwards += 1
+    if rolled_back:
+        warnings.warn(
+            "rerouting: the context loss became NaN/inf; δ was rolled back to its last finite value", stacklevel=3
+        )
+    with torch.no_grad():
+        delta.copy_(param)
+    rm.set_row_offsets({idx: delta[:, j] for j, idx in enumerate(order)})
+    return PhaseResult(delta, before if before is not None else after, after, forwards, backwards, rolled_back)

@@ -1,0 +1,131 @@
+"""Continuous rerouting: adaptation phases on tiny models."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import reroute
+from reroute.rerouting import RerouterConfig, adapt_phase, context_loss, routing_confidence, select_layers
+from reroute.testing import tiny_model
+
+
+@pytest.fixture
+def rm():
+    return reroute.attach(tiny_model("qwen3_moe"))
+
+
+@pytest.fixture
+def context():
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 96, (3, 14), generator=gen)
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0  # left padding
+    return ids, mask
+
+
+def _phase(rm, ids, mask, **cfg):
+    config = RerouterConfig(**{"steps": 5, "lr": 0.2, **cfg})
+    layers = select_layers(rm, config, routing_confidence(rm, ids, mask))
+    delta = torch.zeros(ids.shape[0], len(layers), rm.num_experts)
+    return adapt_phase(rm, config, layers, delta, ids, mask), layers
+
+
+def test_phase_lowers_the_context_loss(rm, context):
+    ids, mask = context
+    with torch.no_grad():
+        plain = context_loss(rm, ids, mask)
+    result, _ = _phase(rm, ids, mask)
+    torch.testing.assert_close(result.loss_before, plain)
+    assert (result.loss_after < result.loss_before).all()
+    with torch.no_grad():  # the δ left installed is the one that gave loss_after
+        torch.testing.assert_close(context_loss(rm, ids, mask), result.loss_after)
+    assert result.forward_passes == 6 and result.backward_passes == 5
+
+
+def test_rows_adapt_independently(rm, context):
+    ids, mask = context
+    batched, layers = _phase(rm, ids, mask, layers="all")
+    for row in range(ids.shape[0]):
+        rm.reset()
+        alone, _ = _phase(rm, ids[row : row + 1], mask[row : row + 1], layers="all")
+        # Adam divides by sqrt(v): entries with near-zero gradient amplify float32 reduction-order noise, so the
+        # tolerance is 0.5% of one lr-sized step
+        torch.testing.assert_close(alone.delta[0], batched.delta[row], rtol=1e-3, atol=1e-3)
+
+
+def test_padding_does_not_enter_the_loss(rm, context):
+    ids, mask = context
+    other = ids.clone()
+    other[0, :4] = 7  # different tokens under the padding
+    with torch.no_grad():
+        torch.testing.assert_close(context_loss(rm, ids, mask)[0], context_loss(rm, other, mask)[0])
+
+
+def test_nan_loss_is_rolled_back_with_a_warning(rm, context):
+    ids, mask = context
+    config = RerouterConfig(steps=3, lr=0.1, layers="all")
+    layers = select_layers(rm, config, None)
+    delta = torch.zeros(ids.shape[0], len(layers), rm.num_experts)
+
+    def diverge(module, args, output):  # the model blows up as soon as δ moves away from zero
+        moved = any(layer.row_offsets is not None and layer.row_offsets.abs().sum() > 0 for layer in rm.layers.values())
+        return output * float("nan") if moved else output
+
+    handle = rm.model.lm_head.register_forward_hook(diverge)
+    with pytest.warns(UserWarning, match="rolled back"):
+        result = adapt_phase(rm, config, layers, delta, ids, mask)
+    handle.remove()
+    assert result.rolled_back and torch.equal(result.delta, torch.zeros_like(delta))  # the last finite δ
+    assert torch.isfinite(result.loss_after).all()
+
+
+def test_norm_clipping_and_l2(rm, context):
+    ids, mask = context
+    clipped, _ = _phase(rm, ids, mask, lr=1.0, max_norm=0.05, layers="all")
+    assert (clipped.delta.norm(dim=-1) <= 0.05 + 1e-5).all()
+    rm.reset()
+    free, _ = _phase(rm, ids, mask, lr=0.3, layers="all")
+    rm.reset()
+    penalised, _ = _phase(rm, ids, mask, lr=0.3, l2=10.0, layers="all")
+    assert penalised.delta.norm() < free.delta.norm()
+
+
+def test_layer_selection(rm, context):
+    ids, mask = context
+    confidence = routing_confidence(rm, ids, mask)
+    assert set(confidence) == set(rm.moe_layers) and all(c > 0 for c in confidence.values())
+    top = max(confidence, key=confidence.get)
+    low = min(confidence, key=confidence.get)
+    hard = select_layers(rm, RerouterConfig(layers="confidence", ratio=0.34), confidence)
+    assert list(hard) == [top]  # 'uncertain': the highest C_i, as the paper's formula selects
+    confident = select_layers(rm, RerouterConfig(layers="confidence", ratio=0.34, prefer="confident"), confidence)
+    assert list(confident) == [low]
+    soft = select_layers(rm, RerouterConfig(layers="confidence", selection="soft"), confidence)
+    assert soft[top] > soft[low] and math.isclose(sum(soft.values()), len(soft), rel_tol=1e-5)
+    assert list(select_layers(rm, RerouterConfig(layers=[2, 1]), None)) == [1, 2]
+    with pytest.raises(KeyError, match="not an MoE layer"):
+        select_layers(rm, RerouterConfig(layers=[7]), None)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(interval=0),
+        dict(steps=-1),
+        dict(lr=0.0),
+        dict(lr=float("nan")),
+        dict(lr=float("inf")),
+        dict(layers="some"),
+        dict(ratio=0.0),
+        dict(selection="medium"),
+        dict(prefer="both"),
+        dict(max_norm=0.0),
+        dict(l2=-1.0),
+    ],
+)
+def test_bad_config(kwargs):
+    with pytest.raises(ValueError):
+        RerouterConfig(**kwargs)
