@@ -1,4 +1,4 @@
-"""Command line: ``reroute demo | families``.
+"""Command line: ``reroute demo | eval | families``.
 
 ``reroute demo`` runs on the shipped trained testbed when it is installed, and otherwise (or with
 ``--tiny FAMILY``) on a tiny random model of any supported family, showing routing move under an offset.
@@ -10,6 +10,8 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -94,6 +96,84 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load_model(spec: str, device: str, dtype: str) -> tuple[Any, Any]:
+    """``"testbed"``: the shipped trained testbed; otherwise a local ``from_pretrained`` folder."""
+    torch_dtype = getattr(torch, dtype)
+    if spec == "testbed":
+        from reroute.testbed import load_testbed
+
+        return load_testbed(dtype=torch_dtype, device=device)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(spec, dtype=torch_dtype).to(device).eval()
+    return model, AutoTokenizer.from_pretrained(spec)
+
+
+def _load_data(args: argparse.Namespace) -> list[dict[str, Any]]:
+    from reroute.data import load_items
+
+    if args.data:
+        items = load_items(args.data)
+    else:
+        from reroute.testbed.suite import make_split
+
+        items = make_split(args.split, n=args.limit or 400, seed=args.seed)
+    return items[: args.limit] if args.limit else items
+
+
+def _method_options(args: argparse.Namespace, rm: Any, tokenizer: Any) -> dict[str, Any]:
+    if args.method != "c3po":
+        return {}
+    from reroute.c3po import ReferenceIndex
+
+    if args.index:
+        index = ReferenceIndex.load(args.index, rm)
+    else:
+        from reroute.testbed.suite import make_split
+
+        cache = Path.home() / ".cache" / "reroute" / f"testbed-reference-{args.reference_size}-seed{args.seed}"
+        index = ReferenceIndex.build(
+            rm, tokenizer, make_split("reference", n=args.reference_size, seed=args.seed), path=cache, mode=args.mode
+        )
+    return {"index": index, "surrogate": args.surrogate}
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import reroute
+    from reroute.eval import MethodNotAvailable, make_method, plot_bars, print_table, run_eval, write_json
+
+    model, tokenizer = _load_model(args.model, args.device, args.dtype)
+    rm = reroute.attach(model)
+    items = _load_data(args)
+    split = "custom" if args.data else args.split
+    results: list[Any] = []
+    for name in args.method.split(","):
+        args.method = name
+        try:
+            method = make_method(name, **_method_options(args, rm, tokenizer))
+            results.append(
+                run_eval(
+                    rm,
+                    tokenizer,
+                    items,
+                    method,
+                    split=split,
+                    mode=args.mode,
+                    batch_size=args.batch_size,
+                    seed=args.seed,
+                    progress=not args.quiet,
+                )
+            )
+        except MethodNotAvailable as exc:
+            results.append({"method": name, "split": split, "mode": args.mode, "available": False, "reason": str(exc)})
+    print_table(results, title=f"reroute eval · {args.model}")
+    if args.json:
+        write_json(results, args.json)
+    if args.png:
+        plot_bars([r for r in results if not isinstance(r, dict)], args.png, title=f"{split} ({args.mode})")
+    return 0 if all(not isinstance(r, dict) for r in results) else 3
+
+
 def cmd_families(args: argparse.Namespace) -> int:
     from rich.table import Table
 
@@ -119,6 +199,24 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--json", help="also write the result as JSON to this path")
     demo.set_defaults(func=cmd_demo)
+    ev = sub.add_parser("eval", help="accuracy of methods with 95%% intervals (testbed or your own data)")
+    ev.add_argument("--method", default="base", help="base | oracle | c3po | rerouting | scmoe, comma-separated")
+    ev.add_argument("--split", default="test_shift", help="testbed split: test | test_shift | test_fewshot | ...")
+    ev.add_argument("--data", help="a JSONL file of items instead of a testbed split")
+    ev.add_argument("--mode", choices=["mc", "gen"], default="mc", help="multiple choice or exact-match generation")
+    ev.add_argument("--limit", type=int, help="evaluate the first N items")
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--batch-size", type=int, default=16)
+    ev.add_argument("--model", default="testbed", help="'testbed' or a local from_pretrained folder")
+    ev.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ev.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    ev.add_argument("--surrogate", default="ngd", choices=["ngd", "kernel", "mode", "oracle"], help="C3PO surrogate")
+    ev.add_argument("--index", help="C3PO reference index folder (default: built from the testbed's reference split)")
+    ev.add_argument("--reference-size", type=int, default=800, help="testbed reference items run to build the index")
+    ev.add_argument("--json", help="write one JSON object per run (a list) here")
+    ev.add_argument("--png", help="write a bar chart of accuracy with 95%% intervals here")
+    ev.add_argument("--quiet", action="store_true", help="no progress bars")
+    ev.set_defaults(func=cmd_eval)
     families = sub.add_parser("families", help="list the supported MoE families")
     families.set_defaults(func=cmd_families)
     return parser

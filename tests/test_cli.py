@@ -31,3 +31,47 @@ def test_unknown_subcommand_exits_with_usage_error():
     with pytest.raises(SystemExit) as exc:
         main(["nope"])
     assert exc.value.code == 2
+
+
+def test_eval_on_a_local_checkpoint_and_jsonl(tmp_path, capsys):
+    import torch
+
+    from reroute.testing import tiny_model, tiny_tokenizer
+
+    folder = tmp_path / "model"
+    tiny_model("qwen2_moe").save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    data = tmp_path / "items.jsonl"
+    gen = torch.Generator().manual_seed(0)
+    lines = []
+    for i in range(6):
+        prompt = " ".join(f"w{int(t)}" for t in torch.randint(3, 96, (4,), generator=gen))
+        lines.append(json.dumps({"prompt": prompt, "choices": [" w5", " w6", " w7", " w8"], "label": i % 4}))
+    data.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "eval.json"
+    png = tmp_path / "eval.png"
+    code = main(
+        [
+            "eval",
+            "--model",
+            str(folder),
+            "--data",
+            str(data),
+            "--method",
+            "base,oracle,rerouting",
+            "--json",
+            str(out),
+            "--png",
+            str(png),
+            "--quiet",
+            "--device",
+            "cpu",
+        ]
+    )
+    assert code == 3  # rerouting is not available yet: reported, not faked
+    records = json.loads(out.read_text())
+    assert [r["method"] for r in records] == ["base", "oracle", "rerouting"]
+    assert records[0]["n"] == 6 and 0.0 <= records[0]["accuracy"] <= 1.0
+    assert records[2]["available"] is False
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    assert "not available" in capsys.readouterr().out

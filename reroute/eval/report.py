@@ -18,19 +18,12 @@ def print_table(results: Sequence[EvalResult | dict[str, Any]], title: str = "re
     table = Table(title=title)
     for column in ("method", "split", "mode", "n", "accuracy", "95% CI", "s/item", "experts/token"):
         table.add_column(column, justify="left" if column in ("method", "split", "mode") else "right")
+    missing = []
     for result in results:
         if isinstance(result, dict):  # {"method": ..., "available": False, "reason": ...}
-            table.add_row(
-                result["method"],
-                result.get("split", ""),
-                result.get("mode", ""),
-                "-",
-                "not available",
-                result.get("reason", ""),
-                "-",
-                "-",
-                style="dim",
-            )
+            row = [result["method"], result.get("split", ""), result.get("mode", ""), "-", "n/a", "-", "-", "-"]
+            table.add_row(*row, style="dim")
+            missing.append(f"{result['method']}: not available — {result.get('reason', '')}")
             continue
         table.add_row(
             result.method,
@@ -42,7 +35,10 @@ def print_table(results: Sequence[EvalResult | dict[str, Any]], title: str = "re
             f"{result.seconds_per_item:.3f}",
             f"{result.experts_per_token:.2f}",
         )
-    Console().print(table)
+    console = Console()
+    console.print(table)
+    for line in missing:
+        console.print(line, style="dim", soft_wrap=True)
 
 
 def write_json(results: Sequence[EvalResult | dict[str, Any]], path: str | Path) -> Path:
