@@ -23,6 +23,26 @@ _COMMON: dict[str, object] = {
     "eos_token_id": 2,
 }
 
+# DeepSeek-style MoE: routed + shared experts, group-limited top-k, a dense first layer
+_DEEPSEEK_MOE: dict[str, object] = {
+    "intermediate_size": 24,
+    "moe_intermediate_size": 16,
+    "n_routed_experts": 8,
+    "n_shared_experts": 1,
+    "num_experts_per_tok": 2,
+    "first_k_dense_replace": 1,
+    "n_group": 4,
+    "topk_group": 2,
+}
+# DeepSeek's multi-head latent attention, shrunk
+_MLA: dict[str, object] = {
+    "kv_lora_rank": 16,
+    "qk_rope_head_dim": 8,
+    "qk_nope_head_dim": 8,
+    "v_head_dim": 8,
+    "num_key_value_heads": 4,
+}
+
 # family name -> (config class name, model class name, family-specific config fields)
 TINY_CONFIGS: dict[str, tuple[str, str, dict[str, object]]] = {
     "olmoe": (
@@ -63,45 +83,17 @@ TINY_CONFIGS: dict[str, tuple[str, str, dict[str, object]]] = {
         "DeepseekV2Config",
         "DeepseekV2ForCausalLM",
         {
-            "intermediate_size": 24,
-            "moe_intermediate_size": 16,
-            "n_routed_experts": 8,
-            "n_shared_experts": 1,
-            "num_experts_per_tok": 2,
-            "first_k_dense_replace": 1,
+            **_DEEPSEEK_MOE,
+            **_MLA,
             "topk_method": "group_limited_greedy",
-            "n_group": 4,
-            "topk_group": 2,
             "routed_scaling_factor": 1.5,
-            "kv_lora_rank": 16,
             "q_lora_rank": None,
-            "qk_rope_head_dim": 8,
-            "qk_nope_head_dim": 8,
-            "v_head_dim": 8,
-            "num_key_value_heads": 4,
         },
     ),
     "deepseek_v3": (
         "DeepseekV3Config",
         "DeepseekV3ForCausalLM",
-        {
-            "intermediate_size": 24,
-            "moe_intermediate_size": 16,
-            "n_routed_experts": 8,
-            "n_shared_experts": 1,
-            "num_experts_per_tok": 2,
-            "first_k_dense_replace": 1,
-            "n_group": 4,
-            "topk_group": 2,
-            "routed_scaling_factor": 2.5,
-            "norm_topk_prob": True,
-            "kv_lora_rank": 16,
-            "q_lora_rank": 16,
-            "qk_rope_head_dim": 8,
-            "qk_nope_head_dim": 8,
-            "v_head_dim": 8,
-            "num_key_value_heads": 4,
-        },
+        {**_DEEPSEEK_MOE, **_MLA, "routed_scaling_factor": 2.5, "norm_topk_prob": True, "q_lora_rank": 16},
     ),
     "gpt_oss": (
         "GptOssConfig",
@@ -129,19 +121,7 @@ TINY_CONFIGS: dict[str, tuple[str, str, dict[str, object]]] = {
     "glm4_moe": (
         "Glm4MoeConfig",
         "Glm4MoeForCausalLM",
-        {
-            "intermediate_size": 24,
-            "moe_intermediate_size": 16,
-            "n_routed_experts": 8,
-            "n_shared_experts": 1,
-            "num_experts_per_tok": 2,
-            "first_k_dense_replace": 1,
-            "n_group": 4,
-            "topk_group": 2,
-            "routed_scaling_factor": 2.5,
-            "norm_topk_prob": True,
-            "head_dim": 8,
-        },
+        {**_DEEPSEEK_MOE, "routed_scaling_factor": 2.5, "norm_topk_prob": True, "head_dim": 8},
     ),
 }
 

@@ -68,8 +68,8 @@ def test_oracle_never_raises_gold_nll_and_beats_base(setup):
     rm, tok = setup
     items = _items(8, seed=1)
     result = optimise_oracle(rm, gold_batch(tok, items), layers=2, core_experts=6, steps=15, lr=0.3)
-    assert (result.best_nll <= result.base_nll).all()
-    assert (result.best_nll < result.base_nll).any()
+    assert (result.loss_after <= result.loss_before).all()
+    assert (result.loss_after < result.loss_before).any()
     assert result.forward_passes == 16 and result.backward_passes == 15
     assert all(layer.mixing is None for layer in rm.layers.values())  # state cleared afterwards
     base = run_eval(rm, tok, items, make_method("base"), mode="mc", progress=False)

@@ -22,6 +22,21 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def _float32_logits(router: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+    """DeepSeek-style router projection: inputs and weight upcast to float32."""
+    hidden_states = hidden_states.view(-1, router.hidden_dim)
+    return F.linear(hidden_states.type(torch.float32), router.weight.type(torch.float32))
+
+
+def _group_limit(router: nn.Module, group_scores: torch.Tensor) -> torch.Tensor:
+    """Bool ``[T, E]``: experts in each token's ``topk_group`` best groups (group-limited routing)."""
+    group_idx = torch.topk(group_scores, k=router.topk_group, dim=-1, sorted=False)[1]
+    group_mask = torch.zeros_like(group_scores)
+    group_mask.scatter_(1, group_idx, 1)
+    group_size = router.num_experts // router.num_group
+    return group_mask.unsqueeze(-1).expand(-1, router.num_group, group_size).reshape(-1, router.num_experts).bool()
+
+
 class RoutingRule:
     """Base class. Subclasses are small dataclasses configured from the family's router module."""
 
@@ -138,8 +153,7 @@ class DeepseekV2Softmax(RoutingRule):
     """DeepSeek-V2: float32 softmax, greedy or group-limited greedy (group score = max), scaled, no renorm."""
 
     def logits(self, router: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
-        hidden_states = hidden_states.view(-1, router.hidden_dim)
-        return F.linear(hidden_states.type(torch.float32), router.weight.type(torch.float32))
+        return _float32_logits(router, hidden_states)
 
     def route(
         self, router: nn.Module, logits: torch.Tensor, input_dtype: torch.dtype
@@ -166,11 +180,7 @@ class DeepseekV2Softmax(RoutingRule):
     @staticmethod
     def _group_mask(router: nn.Module, scores: torch.Tensor) -> torch.Tensor:
         group_size = router.num_experts // router.num_group
-        group_scores = scores.view(-1, router.num_group, group_size).max(dim=-1).values
-        group_idx = torch.topk(group_scores, k=router.topk_group, dim=-1, sorted=False)[1]
-        group_mask = torch.zeros_like(group_scores)
-        group_mask.scatter_(1, group_idx, 1)
-        return group_mask.unsqueeze(-1).expand(-1, router.num_group, group_size).reshape(-1, router.num_experts).bool()
+        return _group_limit(router, scores.view(-1, router.num_group, group_size).max(dim=-1).values)
 
 
 @dataclass(frozen=True)
@@ -179,8 +189,7 @@ class SigmoidGroupLimited(RoutingRule):
     group-limited top-k (group score = sum of its top-2), renormalisation (+1e-20), ``routed_scaling_factor``."""
 
     def logits(self, router: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
-        hidden_states = hidden_states.view(-1, router.hidden_dim)
-        return F.linear(hidden_states.type(torch.float32), router.weight.type(torch.float32))
+        return _float32_logits(router, hidden_states)
 
     def route(
         self, router: nn.Module, logits: torch.Tensor, input_dtype: torch.dtype
@@ -200,11 +209,7 @@ class SigmoidGroupLimited(RoutingRule):
         group_size = router.num_experts // router.num_group
         for_choice = scores + router.e_score_correction_bias
         group_scores = for_choice.view(-1, router.num_group, group_size).topk(2, dim=-1)[0].sum(dim=-1)
-        group_idx = torch.topk(group_scores, k=router.topk_group, dim=-1, sorted=False)[1]
-        group_mask = torch.zeros_like(group_scores)
-        group_mask.scatter_(1, group_idx, 1)
-        score_mask = group_mask.unsqueeze(-1).expand(-1, router.num_group, group_size).reshape(-1, router.num_experts)
-        return for_choice.masked_fill(~score_mask.bool(), float("-inf"))
+        return for_choice.masked_fill(~_group_limit(router, group_scores), float("-inf"))
 
     def renormalizes(self, router: nn.Module) -> bool:
         return bool(router.norm_topk_prob)

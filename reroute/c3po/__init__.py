@@ -8,8 +8,9 @@ core experts), ``surrogates.py`` (mode finding, kernel regression, NGD), ``oracl
 from reroute.c3po.embed import CallableEmbedder, HiddenStateEmbedder, PathwayEmbedder, make_embedder
 from reroute.c3po.index import Neighbours, ReferenceIndex, ReferenceIndexError
 from reroute.c3po.method import C3PO, Adaptation, C3POConfig
-from reroute.c3po.oracle import OracleResult, optimise_oracle
+from reroute.c3po.oracle import optimise_oracle
 from reroute.c3po.pathway import Pathway, core_size, critical_layers, own_pathway
+from reroute.c3po.surrogates import SurrogateResult
 
 __all__ = [
     "C3PO",
@@ -18,11 +19,11 @@ __all__ = [
     "CallableEmbedder",
     "HiddenStateEmbedder",
     "Neighbours",
-    "OracleResult",
     "Pathway",
     "PathwayEmbedder",
     "ReferenceIndex",
     "ReferenceIndexError",
+    "SurrogateResult",
     "core_size",
     "critical_layers",
     "make_embedder",

@@ -151,9 +151,6 @@ class C3PO:
                 result = optimise_oracle(
                     self.rm, gold_batch(self.tokenizer, items), self.layers, self.n_core, cfg.steps, cfg.lr
                 )
-                result = SurrogateResult(
-                    result.pathway, result.base_nll, result.best_nll, result.forward_passes, result.backward_passes
-                )
             elif cfg.surrogate == "mode":
                 pathway, _ = mode_finding(
                     own, own_scores, self.index.pathways, self.layer_pos, cfg.k, cfg.mode_iterations, cfg.mode_alpha
