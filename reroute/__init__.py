@@ -4,6 +4,8 @@ from reroute.arch import FamilyAdapter, UnsupportedModelError, register_family, 
 from reroute.attach import OffsetTable, RoutedModel, attach
 from reroute.c3po import C3PO, C3POConfig, ReferenceIndex
 from reroute.routing import ExpertMask, RoutingPolicy, Trace
+from reroute.scmoe import SCMoE, SCMoEConfig, scmoe_generate
+from reroute.self_consistency import Vote, majority_vote, self_consistency, text_sampler
 
 __version__ = "0.1.0"
 
@@ -22,4 +24,11 @@ __all__ = [
     "register_family",
     "rules",
     "supported_families",
+    "SCMoE",
+    "SCMoEConfig",
+    "scmoe_generate",
+    "Vote",
+    "majority_vote",
+    "self_consistency",
+    "text_sampler",
 ]

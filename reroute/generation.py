@@ -1,0 +1,236 @@
+"""A decoding loop for methods that compute their own next-token logits (SCMoE, continuous rerouting).
+
+transformers 5.x lets ``generate()`` hand its prepared inputs to a Python callable
+(``model.generate(**inputs, custom_generate=fn, ...)``): it validates the generation config, expands the batch for
+``num_return_sequences`` (``repeat_interleave`` layout), builds the logits processors (temperature, top-k, top-p,
+repetition penalty, ...) and the stopping criteria (``max_new_tokens``, EOS, stop strings), creates an empty KV
+cache, then calls ``fn(model, input_ids, logits_processor=..., stopping_criteria=..., generation_config=...,
+**extra_kwargs, **model_kwargs)``. A method only has to say how the next-token logits of each row are computed:
+
+* :class:`ModelStream` is one stream of forwards with its own KV cache, the per-step model work of
+  ``GenerationMixin._sample`` (prefill, then one token per step). Methods run one (rerouting), fork a second one
+  with its own cache (SCMoE, two passes) or double its rows (SCMoE, one batch).
+* :func:`decode` is the rest of ``_sample``: processors, greedy or multinomial choice, padding of finished rows,
+  stopping criteria, streamer, and the same return value as ``generate()``.
+
+A minimal method, equal to plain sampling/greedy decoding::
+
+    def plain(model, input_ids, logits_processor, stopping_criteria, generation_config,
+              token_streamer=None, **model_kwargs):
+        stream = ModelStream(model, generation_config, model_kwargs)
+        return decode(model, input_ids, stream, logits_processor, stopping_criteria, generation_config,
+                      streamer=token_streamer)
+
+    model.generate(**inputs, custom_generate=plain, max_new_tokens=32)
+
+Streamers: ``generate()`` (checked in 5.17 and 5.24) does not pass its ``streamer=`` argument to a callable
+``custom_generate`` — it only puts the prompt into it and never calls ``end()``, so a ``TextIteratorStreamer`` given
+that way blocks its reader forever. Methods therefore take the streamer as ``token_streamer=`` (an extra keyword
+that ``generate()`` does forward, see :data:`STREAMER_KWARG`); :func:`decode` puts the prompt into it first, as
+``generate()`` does for its own streamer.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from typing import TYPE_CHECKING, Any, Protocol
+
+import torch
+from transformers import DynamicCache, GenerationConfig
+from transformers.generation.logits_process import LogitsProcessorList
+from transformers.generation.stopping_criteria import StoppingCriteriaList
+from transformers.generation.utils import ALL_CACHE_NAMES, GenerateDecoderOnlyOutput
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+    from transformers.generation.streamers import BaseStreamer
+
+STREAMER_KWARG = "token_streamer"
+"""Name under which ``custom_generate`` methods of this package take a streamer (``generate()`` keeps its own)."""
+
+# The output field holding the cache: ``past_key_values`` in transformers 5.17, ``cache`` in 5.24.
+_OUTPUT_CACHE_FIELD = next(f.name for f in dataclasses.fields(GenerateDecoderOnlyOutput) if f.name in ALL_CACHE_NAMES)
+
+
+class NextTokenScorer(Protocol):
+    """What :func:`decode` asks of a method: next-token logits ``[B, V]`` (float32) for every row.
+
+    ``prefill`` is called once with the prompt ``input_ids [B, S]``; ``step`` after each chosen token, with all ids
+    so far ``[B, S + t]`` (the new token is the last column). Rows never leave the batch: finished rows keep being
+    fed the pad token, as in ``generate()``. ``cache`` is what ``generate()`` returns as the cache when
+    ``return_dict_in_generate=True`` (``None`` where no single cache describes the rows).
+    """
+
+    cache: Any
+
+    def prefill(self, input_ids: torch.LongTensor) -> torch.Tensor: ...
+
+    def step(self, input_ids: torch.LongTensor) -> torch.Tensor: ...
+
+
+class ModelStream:
+    """One stream of model forwards over a growing batch, with its own KV cache (the model work of one
+    ``_sample`` loop).
+
+    Args:
+        model: the generating model (decoder-only).
+        generation_config: the config ``generate()`` prepared.
+        model_kwargs: what ``generate()`` passes on to its decoding method (attention mask, position ids, an empty
+            cache, ``use_cache``, ``logits_to_keep``, the user's model kwargs). The stream owns them from now on.
+    """
+
+    def __init__(
+        self, model: PreTrainedModel, generation_config: GenerationConfig, model_kwargs: dict[str, Any]
+    ) -> None:
+        self.model = model
+        self.generation_config = generation_config
+        self.model_kwargs = dict(model_kwargs)
+        self.started = False
+
+    @property
+    def cache(self) -> Any:
+        """The stream's KV cache (``None`` without one)."""
+        return next((self.model_kwargs[k] for k in ALL_CACHE_NAMES if self.model_kwargs.get(k) is not None), None)
+
+    def _require_fresh(self, what: str) -> None:
+        cache = self.cache
+        if self.started or (cache is not None and cache.get_seq_length() > 0):
+            raise RuntimeError(f"a stream can only {what} before its prefill, from an empty cache")
+
+    def fork(self) -> ModelStream:
+        """A second stream over the same rows with its own empty cache of the same kind (before the prefill)."""
+        self._require_fresh("fork")
+        kwargs = dict(self.model_kwargs)
+        for key in ALL_CACHE_NAMES:
+            if kwargs.get(key) is not None:
+                kwargs[key] = copy.deepcopy(kwargs[key])
+        return ModelStream(self.model, self.generation_config, kwargs)
+
+    def expand(self, factor: int) -> ModelStream:
+        """This stream with every row repeated ``factor`` times in place (row ``b`` becomes rows
+        ``b * factor ... b * factor + factor - 1``: the ``repeat_interleave`` layout ``generate()`` uses for
+        ``num_return_sequences``), with its own empty cache. Before the prefill only; the cache must size itself
+        on first use (a ``DynamicCache``), since a static cache was allocated for the original rows."""
+        self._require_fresh("expand")
+        cache = self.cache
+        if cache is not None and not isinstance(cache, DynamicCache):
+            raise ValueError(
+                f"cannot run {factor}x the rows in a {type(cache).__name__} allocated for the original batch; "
+                "use the default dynamic cache"
+            )
+        _, kwargs = self.model._expand_inputs_for_generation(
+            expand_size=factor, is_encoder_decoder=False, **self.fork().model_kwargs
+        )
+        return ModelStream(self.model, self.generation_config, kwargs)
+
+    def prefill(self, input_ids: torch.LongTensor) -> torch.Tensor:
+        """Run the prompt ``[B, S]``; next-token logits ``[B, V]`` (float32)."""
+        self._require_fresh("prefill")
+        outputs = self.model._prefill(input_ids, self.generation_config, self.model_kwargs)
+        self.started = True
+        return self._consume(outputs)
+
+    def step(self, input_ids: torch.LongTensor) -> torch.Tensor:
+        """Run the last column of ``input_ids [B, T]`` (all of it without a cache); logits ``[B, V]``."""
+        if not self.started:
+            raise RuntimeError("call prefill() before step()")
+        next_sequence_length = 1 if self.model_kwargs.get("use_cache") else None
+        inputs = self.model.prepare_inputs_for_generation(
+            input_ids, next_sequence_length=next_sequence_length, **self.model_kwargs
+        )
+        return self._consume(self.model(**inputs, return_dict=True))
+
+    def _consume(self, outputs: Any) -> torch.Tensor:
+        self.model_kwargs = self.model._update_model_kwargs_for_generation(
+            outputs, self.model_kwargs, is_encoder_decoder=False
+        )
+        # a copy, so that the (possibly [B, S, V]) prefill logits are not kept alive
+        return outputs.logits[:, -1].to(copy=True, dtype=torch.float32)
+
+
+def check_supported(model: PreTrainedModel, generation_config: GenerationConfig) -> None:
+    """Raise for generation settings :func:`decode` does not implement (beam search, encoder-decoder models,
+    per-step attentions / hidden states)."""
+    if model.config.is_encoder_decoder:
+        raise ValueError("reroute's decoding loop supports decoder-only models")
+    if generation_config.num_beams > 1:
+        raise ValueError(
+            f"reroute's decoding loop does greedy decoding or sampling, not beam search (num_beams=1); "
+            f"got num_beams={generation_config.num_beams}"
+        )
+    if generation_config.return_dict_in_generate and (
+        generation_config.output_attentions or generation_config.output_hidden_states
+    ):
+        raise ValueError(
+            "reroute's decoding loop returns sequences, scores and logits; not attentions or hidden states"
+        )
+
+
+def decode(
+    model: PreTrainedModel,
+    input_ids: torch.LongTensor,
+    scorer: NextTokenScorer,
+    logits_processor: LogitsProcessorList,
+    stopping_criteria: StoppingCriteriaList,
+    generation_config: GenerationConfig,
+    streamer: BaseStreamer | None = None,
+) -> GenerateDecoderOnlyOutput | torch.LongTensor:
+    """Greedy decoding or sampling with next-token logits from ``scorer`` (the loop of ``GenerationMixin._sample``).
+
+    Per step: ``logits [B, V]`` from the scorer -> ``logits_processor(input_ids, logits)`` (warpers included when
+    sampling) -> arg-max or a multinomial draw -> finished rows get the pad token -> stopping criteria. The scorer
+    runs again only while some row is unfinished, so no forward is wasted after the last token.
+
+    Args:
+        input_ids: ``[B, S]`` prompts, already expanded for ``num_return_sequences`` by ``generate()``.
+        scorer: the method's next-token logits (see :class:`NextTokenScorer`).
+        logits_processor, stopping_criteria, generation_config: as ``generate()`` passes them.
+        streamer: receives the prompt, then each step's tokens ``[B]``, then ``end()``.
+
+    Returns:
+        ``[B, S + new]`` token ids, or a ``GenerateDecoderOnlyOutput`` (sequences, ``scores`` = processed scores,
+        ``logits`` = the scorer's logits, the scorer's cache) when ``return_dict_in_generate=True``.
+    """
+    check_supported(model, generation_config)
+    return_dict = generation_config.return_dict_in_generate
+    scores: tuple[torch.Tensor, ...] | None = () if return_dict and generation_config.output_scores else None
+    raw_logits: tuple[torch.Tensor, ...] | None = () if return_dict and generation_config.output_logits else None
+    pad_token = generation_config._pad_token_tensor
+    pads_finished_rows = any(hasattr(criterion, "eos_token_id") for criterion in stopping_criteria)
+    if pad_token is not None:
+        pad_token = pad_token.to(input_ids.device)
+    unfinished = torch.ones(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+    if streamer is not None:
+        streamer.put(input_ids.cpu())
+
+    logits = scorer.prefill(input_ids).to(input_ids.device)
+    # generate() switches the experts implementation for small decode batches on accelerators inside this context
+    with model._optimize_model_for_decode():
+        while True:
+            next_scores = logits_processor(input_ids, logits)
+            if scores is not None:
+                scores += (next_scores,)
+            if raw_logits is not None:
+                raw_logits += (logits,)
+            if generation_config.do_sample:
+                next_tokens = torch.multinomial(torch.softmax(next_scores, dim=-1), num_samples=1).squeeze(1)
+            else:
+                next_tokens = torch.argmax(next_scores, dim=-1)
+            if pads_finished_rows:
+                next_tokens = torch.where(unfinished, next_tokens, pad_token)
+            input_ids = torch.cat([input_ids, next_tokens[:, None]], dim=-1)
+            if streamer is not None:
+                streamer.put(next_tokens.cpu())
+            unfinished = unfinished & ~stopping_criteria(input_ids, scores)
+            if not bool(unfinished.any()):
+                break
+            logits = scorer.step(input_ids).to(input_ids.device)
+
+    if streamer is not None:
+        streamer.end()
+    if not return_dict:
+        return input_ids
+    return GenerateDecoderOnlyOutput(
+        sequences=input_ids, scores=scores, logits=raw_logits, **{_OUTPUT_CACHE_FIELD: scorer.cache}
+    )
