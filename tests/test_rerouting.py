@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import reroute
-from reroute.rerouting import RerouterConfig, adapt_phase, context_loss, routing_confidence, select_layers
+from reroute.rerouting import Rerouter, RerouterConfig, adapt_phase, context_loss, routing_confidence, select_layers
 from reroute.testing import tiny_model
 
 
@@ -129,3 +129,126 @@ def test_layer_selection(rm, context):
 def test_bad_config(kwargs):
     with pytest.raises(ValueError):
         RerouterConfig(**kwargs)
+
+
+def _prompt():
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, 96, (2, 10), generator=gen)
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    return ids, mask
+
+
+def test_zero_steps_reproduces_generate_token_for_token(rm):
+    ids, mask = _prompt()
+    plain = rm.model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False)
+    assert torch.equal(
+        Rerouter(rm, steps=0).generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False), plain
+    )
+    torch.manual_seed(3)
+    sampled = rm.model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=True, top_k=20)
+    torch.manual_seed(3)
+    assert torch.equal(
+        Rerouter(rm, steps=0).generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=True, top_k=20),
+        sampled,
+    )
+
+
+def test_rebuilt_cache_equals_a_fresh_prefill_under_the_adapted_router(rm):
+    ids, mask = _prompt()
+    interval = 3
+    rerouter = Rerouter(rm, steps=2, lr=0.3, interval=interval, layers="all")
+    out = rerouter.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        max_new_tokens=interval + 1,
+        do_sample=False,
+        return_dict_in_generate=True,
+        output_logits=True,
+    )
+    assert len(rerouter.phases) == 2  # prefill + after `interval` tokens
+    delta = rerouter.phases[-1].delta  # the final δ
+    context = out.sequences[:, : ids.shape[1] + interval]
+    context_mask = torch.cat([mask, torch.ones(2, interval, dtype=mask.dtype)], 1)
+    rm.set_row_offsets({layer: delta[:, j] for j, layer in enumerate(rm.moe_layers)})
+    with torch.no_grad():
+        fresh = rm.model(
+            context,
+            attention_mask=context_mask,
+            position_ids=(context_mask.cumsum(-1) - 1).clamp(min=0),
+            use_cache=True,
+        )
+    rm.reset()
+    torch.testing.assert_close(out.logits[-1], fresh.logits[:, -1].float(), rtol=1e-5, atol=1e-5)
+    cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+    fresh_cache = getattr(fresh, "cache", None) or getattr(fresh, "past_key_values", None)
+    for layer in range(len(rm.model.model.layers)):
+        torch.testing.assert_close(cache.layers[layer].keys, fresh_cache.layers[layer].keys, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(cache.layers[layer].values, fresh_cache.layers[layer].values, rtol=1e-5, atol=1e-5)
+    # the stale cache is a different (approximate) computation
+    stale = Rerouter(rm, steps=2, lr=0.3, interval=interval, layers="all", rebuild_cache=False).generate(
+        input_ids=ids,
+        attention_mask=mask,
+        max_new_tokens=interval + 1,
+        do_sample=False,
+        return_dict_in_generate=True,
+        output_logits=True,
+    )
+    assert not torch.allclose(stale.logits[-1], out.logits[-1])
+
+
+def test_rows_are_isolated_and_state_resets_between_prompts(rm):
+    ids, mask = _prompt()
+    rerouter = Rerouter(rm, steps=2, lr=0.3, interval=4, layers="all")
+    batched = rerouter.generate(input_ids=ids, attention_mask=mask, max_new_tokens=9, do_sample=False)
+    alone = rerouter.generate(input_ids=ids[1:], attention_mask=mask[1:], max_new_tokens=9, do_sample=False)
+    length = alone.shape[1]  # alone stops at its EOS; in the batch the row is padded after it
+    assert torch.equal(batched[1, :length], alone[0]) and (batched[1, length:] == 0).all()
+    again = rerouter.generate(input_ids=ids, attention_mask=mask, max_new_tokens=9, do_sample=False)
+    assert torch.equal(again, batched)  # δ started from zero again
+    assert all(layer.row_offsets is None for layer in rm.layers.values())
+
+
+def test_front_doors_sampling_and_streamer(rm):
+    from transformers.generation.streamers import BaseStreamer
+
+    from reroute.rerouting import rerouting_generate
+
+    class Collect(BaseStreamer):
+        def __init__(self):
+            self.chunks, self.ended = [], False
+
+        def put(self, value):
+            self.chunks.append(value)
+
+        def end(self):
+            self.ended = True
+
+    ids, mask = _prompt()
+    obj = Rerouter(rm, steps=2, lr=0.2, interval=3).generate(
+        input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False
+    )
+    custom = rm.model.generate(
+        ids,
+        attention_mask=mask,
+        max_new_tokens=5,
+        do_sample=False,
+        custom_generate=rerouting_generate,
+        steps=2,
+        lr=0.2,
+        interval=3,
+    )
+    assert torch.equal(obj, custom)
+    streamer = Collect()
+    out = Rerouter(rm, steps=1, interval=2).generate(
+        input_ids=ids[:1], max_new_tokens=4, do_sample=True, num_return_sequences=3, streamer=streamer
+    )
+    assert out.shape == (3, ids.shape[1] + 4) and streamer.ended and len(streamer.chunks) == 5
+
+
+def test_bad_inputs(rm):
+    with pytest.raises(KeyError, match="not an MoE layer"):
+        Rerouter(rm, layers=[9])
+    too_long = torch.randint(3, 96, (1, rm.model.config.max_position_embeddings + 1))
+    with pytest.raises(ValueError, match="context"):
+        Rerouter(rm).generate(input_ids=too_long, max_new_tokens=1)

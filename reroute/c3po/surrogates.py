@@ -172,6 +172,7 @@ def kernel_regression(
     )
 
 
+@torch.enable_grad()  # gradients even where the caller disabled them
 def neighbourhood_gd(
     rm: RoutedModel,
     own: Pathway,

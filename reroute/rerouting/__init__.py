@@ -8,5 +8,15 @@ from reroute.rerouting.adapt import (
     routing_confidence,
     select_layers,
 )
+from reroute.rerouting.method import Rerouter, rerouting_generate
 
-__all__ = ["PhaseResult", "RerouterConfig", "adapt_phase", "context_loss", "routing_confidence", "select_layers"]
+__all__ = [
+    "PhaseResult",
+    "Rerouter",
+    "rerouting_generate",
+    "RerouterConfig",
+    "adapt_phase",
+    "context_loss",
+    "routing_confidence",
+    "select_layers",
+]

@@ -129,6 +129,7 @@ class PhaseResult:
     rolled_back: bool
 
 
+@torch.enable_grad()  # generate() runs under no_grad; a phase needs gradients whatever the caller's mode
 def adapt_phase(
     rm: RoutedModel,
     config: RerouterConfig,
