@@ -3,6 +3,7 @@
 from reroute.arch import FamilyAdapter, UnsupportedModelError, register_family, rules, supported_families
 from reroute.attach import OffsetTable, RoutedModel, attach
 from reroute.c3po import C3PO, C3POConfig, ReferenceIndex
+from reroute.rerouting import Rerouter, RerouterConfig, rerouting_generate
 from reroute.routing import ExpertMask, RoutingPolicy, Trace
 from reroute.scmoe import SCMoE, SCMoEConfig, scmoe_generate
 from reroute.self_consistency import Vote, majority_vote, self_consistency, text_sampler
@@ -24,6 +25,9 @@ __all__ = [
     "register_family",
     "rules",
     "supported_families",
+    "Rerouter",
+    "RerouterConfig",
+    "rerouting_generate",
     "SCMoE",
     "SCMoEConfig",
     "scmoe_generate",
