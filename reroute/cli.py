@@ -140,7 +140,7 @@ def _method_options(args: argparse.Namespace, rm: Any, tokenizer: Any) -> dict[s
 
 def cmd_eval(args: argparse.Namespace) -> int:
     import reroute
-    from reroute.eval import MethodNotAvailable, make_method, plot_bars, print_table, run_eval, write_json
+    from reroute.eval import make_method, plot_bars, print_table, run_eval, write_json
 
     model, tokenizer = _load_model(args.model, args.device, args.dtype)
     rm = reroute.attach(model)
@@ -149,29 +149,26 @@ def cmd_eval(args: argparse.Namespace) -> int:
     results: list[Any] = []
     for name in args.method.split(","):
         args.method = name
-        try:
-            method = make_method(name, **_method_options(args, rm, tokenizer))
-            results.append(
-                run_eval(
-                    rm,
-                    tokenizer,
-                    items,
-                    method,
-                    split=split,
-                    mode=args.mode,
-                    batch_size=args.batch_size,
-                    seed=args.seed,
-                    progress=not args.quiet,
-                )
+        method = make_method(name, **_method_options(args, rm, tokenizer))
+        results.append(
+            run_eval(
+                rm,
+                tokenizer,
+                items,
+                method,
+                split=split,
+                mode=args.mode,
+                batch_size=args.batch_size,
+                seed=args.seed,
+                progress=not args.quiet,
             )
-        except MethodNotAvailable as exc:
-            results.append({"method": name, "split": split, "mode": args.mode, "available": False, "reason": str(exc)})
+        )
     print_table(results, title=f"reroute eval · {args.model}")
     if args.json:
         write_json(results, args.json)
     if args.png:
-        plot_bars([r for r in results if not isinstance(r, dict)], args.png, title=f"{split} ({args.mode})")
-    return 0 if all(not isinstance(r, dict) for r in results) else 3
+        plot_bars(results, args.png, title=f"{split} ({args.mode})")
+    return 0
 
 
 def cmd_families(args: argparse.Namespace) -> int:

@@ -11,7 +11,6 @@ import torch
 import reroute
 from reroute.c3po import optimise_oracle
 from reroute.eval import bootstrap_ci, make_method, plot_bars, run_eval, write_json
-from reroute.eval.methods import MethodNotAvailable
 from reroute.scoring import build_batch, continuation_logprobs, gold_batch
 from reroute.testing import tiny_model, tiny_tokenizer
 
@@ -87,7 +86,7 @@ def test_generation_mode_and_reports(setup, tmp_path):
         item["answer"] = item["choices"][item["label"]].strip()
     result = run_eval(rm, tok, items, make_method("base"), split="toy", mode="gen", progress=False)
     assert result.mode == "gen" and len(result.correct) == 4
-    path = write_json([result, {"method": "scmoe", "available": False}], tmp_path / "r.json")
+    path = write_json([result], tmp_path / "r.json")
     record = json.loads(path.read_text())[0]
     for key in ("method", "split", "n", "accuracy", "ci95", "seconds_per_item", "experts_per_token"):
         assert key in record
@@ -95,12 +94,27 @@ def test_generation_mode_and_reports(setup, tmp_path):
     assert png.read_bytes()[:4] == b"\x89PNG"
 
 
-def test_unavailable_methods_do_not_run(setup):
+def test_rerouting_and_scmoe_methods(setup):
     rm, tok = setup
-    with pytest.raises(MethodNotAvailable, match="not implemented"):
-        run_eval(rm, tok, _items(2), make_method("rerouting"), progress=False)
+    items = _items(4, seed=2)
+    for item in items:
+        item["answer"] = item["choices"][item["label"]].strip()
+    for name, options in (("rerouting", {"steps": 2, "lr": 0.1}), ("scmoe", {"weak": "rank2"})):
+        for mode in ("mc", "gen"):
+            result = run_eval(rm, tok, items, make_method(name, options=options), mode=mode, progress=False)
+            assert result.n == 4
+    assert all(layer.row_offsets is None and layer.policy is None for layer in rm.layers.values())
     with pytest.raises(ValueError, match="unknown method"):
         make_method("magic")
+
+
+def test_scmoe_with_zero_beta_scores_like_base(setup):
+    """beta = 0 and alpha -> 0: the contrasted log-likelihood is the plain one."""
+    rm, tok = setup
+    items = _items(6, seed=3)
+    base = run_eval(rm, tok, items, make_method("base"), progress=False)
+    plain = run_eval(rm, tok, items, make_method("scmoe", options={"beta": 0.0, "alpha": 1e-30}), progress=False)
+    assert plain.correct == base.correct
 
 
 def test_bootstrap_interval():

@@ -1,13 +1,12 @@
 """Evaluation harness: methods, ``run_eval`` with bootstrap intervals, and reports (table, JSON, PNG)."""
 
 from reroute.eval.harness import EvalResult, bootstrap_ci, run_eval
-from reroute.eval.methods import METHODS, MethodNotAvailable, make_method
+from reroute.eval.methods import METHODS, make_method
 from reroute.eval.report import plot_bars, print_table, write_json
 
 __all__ = [
     "METHODS",
     "EvalResult",
-    "MethodNotAvailable",
     "bootstrap_ci",
     "make_method",
     "plot_bars",

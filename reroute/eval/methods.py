@@ -1,8 +1,7 @@
 """Evaluation methods: how each method answers a batch of items, in multiple-choice or generation mode.
 
 A method is a small object with ``score_choices`` (predicted choice index per item) and ``generate`` (answer
-text per item); the harness handles batching, timing and statistics. Methods whose implementation has not
-landed are listed with the reason, and the harness reports them as not available instead of running anything.
+text per item); the harness handles batching, timing and statistics.
 """
 
 from __future__ import annotations
@@ -16,10 +15,6 @@ import torch
 from reroute.attach import RoutedModel
 from reroute.data import Item
 from reroute.scoring import choice_batch, generate_with, gold_batch, prompt_batch, score_with
-
-
-class MethodNotAvailable(RuntimeError):
-    """The method exists in the plan but not (yet) in this installation."""
 
 
 @dataclass
@@ -126,29 +121,116 @@ class C3POMethod:
 
 
 @dataclass
-class Unavailable:
-    """A planned method that this installation cannot run yet."""
+class ReroutingMethod:
+    """Continuous rerouting. Multiple choice: one adaptation phase on each prompt (its context), then the choices
+    are scored with δ fixed; generation: :class:`~reroute.Rerouter` (phases at prefill and every ``interval``).
+    ``options`` are :class:`~reroute.RerouterConfig` fields."""
 
-    name: str
-    reason: str
+    options: dict[str, Any] = field(default_factory=dict)
+    name: str = "rerouting"
     stats: dict[str, float] = field(default_factory=dict)
 
-    def score_choices(self, *args: object) -> list[int]:
-        raise MethodNotAvailable(f"{self.name}: {self.reason}")
+    def _record(self, phases: Sequence[Any], rows: int) -> None:
+        for phase in phases:
+            self.stats["forward_passes"] = self.stats.get("forward_passes", 0.0) + phase.forward_passes * rows
+            self.stats["backward_passes"] = self.stats.get("backward_passes", 0.0) + phase.backward_passes * rows
 
-    generate = score_choices
+    def score_choices(self, rm: RoutedModel, tokenizer: Any, items: Sequence[Item]) -> list[int]:
+        from reroute.rerouting import RerouterConfig, adapt_phase, routing_confidence, select_layers
+
+        config = RerouterConfig(**self.options)
+        prompts = prompt_batch(tokenizer, [item["prompt"] for item in items]).to(rm.model.device)
+        confidence = (
+            routing_confidence(rm, prompts.input_ids, prompts.attention_mask) if config.layers == "confidence" else None
+        )
+        layers = select_layers(rm, config, confidence)
+        delta = torch.zeros(len(items), len(layers), rm.num_experts, device=rm.layer(next(iter(layers))).device)
+        try:
+            if config.steps > 0:
+                phase = adapt_phase(rm, config, layers, delta, prompts.input_ids, prompts.attention_mask)
+                self._record([phase], len(items))
+            return score_with(rm, tokenizer, items)  # δ [B, ...] expands item-major over the choices
+        finally:
+            for idx in layers:
+                rm.layer(idx).row_offsets = None
+
+    def generate(self, rm: RoutedModel, tokenizer: Any, items: Sequence[Item], max_new_tokens: int) -> list[str]:
+        from reroute.rerouting import Rerouter
+
+        rerouter = Rerouter(rm, **self.options)
+        batch = prompt_batch(tokenizer, [item["prompt"] for item in items]).to(rm.model.device)
+        out = rerouter.generate(
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        self._record(rerouter.phases, len(items))
+        return [tokenizer.decode(row[batch.prompt_len :], skip_special_tokens=True).strip() for row in out]
 
 
-def _unavailable(name: str, issue: str) -> Callable[..., Unavailable]:
-    return lambda **_: Unavailable(name, f"not implemented yet ({issue})")
+@dataclass
+class SCMoEMethod:
+    """SCMoE. Generation: greedy self-contrast decoding. Multiple choice: each continuation token is scored by the
+    log-softmax of the contrasted logits (tokens outside the plausible set get ``-inf``). ``options`` are
+    :class:`~reroute.SCMoEConfig` fields (beta, alpha, weak, layers, ...)."""
+
+    options: dict[str, Any] = field(default_factory=dict)
+    name: str = "scmoe"
+    stats: dict[str, float] = field(default_factory=dict)
+
+    def score_choices(self, rm: RoutedModel, tokenizer: Any, items: Sequence[Item]) -> list[int]:
+        from reroute.scmoe import SCMoE
+        from reroute.scmoe.decoding import self_contrast
+
+        scmoe = SCMoE(rm, **self.options)
+        batch, n_choices = choice_batch(tokenizer, items)
+        batch = batch.to(rm.model.device)
+        position_ids = (batch.attention_mask.cumsum(-1) - 1).clamp(min=0)
+        inputs = dict(
+            input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=position_ids, use_cache=False
+        )
+        with torch.no_grad():
+            strong = rm.model(**inputs).logits[:, :-1]
+            with scmoe.weak.applied(rm, batch.input_ids.shape[0], draws=_draws(scmoe)):
+                weak = rm.model(**inputs).logits[:, :-1]
+        rows, length, vocab = strong.shape
+        contrast = self_contrast(
+            strong.reshape(-1, vocab), weak.reshape(-1, vocab), scmoe.config.beta, scmoe.config.alpha
+        )
+        logprobs = torch.log_softmax(contrast, -1).view(rows, length, vocab)
+        token_lp = logprobs.gather(-1, batch.input_ids[:, 1:, None])[..., 0]
+        # tokens outside the plausible set make a choice impossible (-inf), as decoding would
+        scores = token_lp.masked_fill(~batch.target_mask[:, 1:], 0.0).sum(-1)
+        return scores.view(len(items), n_choices).argmax(-1).tolist()
+
+    def generate(self, rm: RoutedModel, tokenizer: Any, items: Sequence[Item], max_new_tokens: int) -> list[str]:
+        from reroute.scmoe import SCMoE
+
+        batch = prompt_batch(tokenizer, [item["prompt"] for item in items]).to(rm.model.device)
+        out = SCMoE(rm, **self.options).generate(
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        return [tokenizer.decode(row[batch.prompt_len :], skip_special_tokens=True).strip() for row in out]
+
+
+def _draws(scmoe: Any) -> Any:
+    from reroute.scmoe.weak import RandomExperts
+
+    return RandomExperts(scmoe.rm, scmoe.weak.layers, scmoe.config.seed) if scmoe.weak.random else None
 
 
 METHODS: dict[str, Callable[..., Any]] = {
     "base": Base,
     "oracle": Oracle,
     "c3po": C3POMethod,
-    "rerouting": _unavailable("rerouting", "continuous rerouting"),
-    "scmoe": _unavailable("scmoe", "SCMoE self-contrast decoding"),
+    "rerouting": ReroutingMethod,
+    "scmoe": SCMoEMethod,
 }
 
 

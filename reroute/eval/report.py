@@ -5,26 +5,19 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 from reroute.eval.harness import EvalResult
 
 
-def print_table(results: Sequence[EvalResult | dict[str, Any]], title: str = "reroute eval") -> None:
-    """Accuracy with its 95% interval, items, cost, per method (unavailable methods shown as such)."""
+def print_table(results: Sequence[EvalResult], title: str = "reroute eval") -> None:
+    """Accuracy with its 95% interval, items, cost, per method."""
     from rich.console import Console
     from rich.table import Table
 
     table = Table(title=title)
     for column in ("method", "split", "mode", "n", "accuracy", "95% CI", "s/item", "experts/token"):
         table.add_column(column, justify="left" if column in ("method", "split", "mode") else "right")
-    missing = []
     for result in results:
-        if isinstance(result, dict):  # {"method": ..., "available": False, "reason": ...}
-            row = [result["method"], result.get("split", ""), result.get("mode", ""), "-", "n/a", "-", "-", "-"]
-            table.add_row(*row, style="dim")
-            missing.append(f"{result['method']}: not available — {result.get('reason', '')}")
-            continue
         table.add_row(
             result.method,
             result.split,
@@ -37,15 +30,13 @@ def print_table(results: Sequence[EvalResult | dict[str, Any]], title: str = "re
         )
     console = Console()
     console.print(table)
-    for line in missing:
-        console.print(line, style="dim", soft_wrap=True)
 
 
-def write_json(results: Sequence[EvalResult | dict[str, Any]], path: str | Path) -> Path:
+def write_json(results: Sequence[EvalResult], path: str | Path) -> Path:
     """One JSON object per run: a list of them (``method``, ``split``, ``n``, ``accuracy``, ``ci95``, ...)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    records = [r if isinstance(r, dict) else r.to_json() for r in results]
+    records = [r.to_json() for r in results]
     path.write_text(json.dumps(records, indent=2) + "\n")
     return path
 
@@ -57,7 +48,6 @@ def plot_bars(results: Sequence[EvalResult], path: str | Path, title: str = "acc
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    results = [r for r in results if isinstance(r, EvalResult)]
     if not results:
         raise ValueError("no results to plot")
     labels = [f"{r.method}\n{r.split} ({r.mode})" for r in results]
