@@ -1,7 +1,7 @@
 """Command line: ``reroute demo | eval | families``.
 
-``reroute demo`` runs on the shipped trained testbed when it is installed, and otherwise (or with
-``--tiny FAMILY``) on a tiny random model of any supported family, showing routing move under an offset.
+``reroute demo`` runs base vs every method vs the oracle on the shipped trained testbed; ``--tiny FAMILY`` instead
+shows routing move under an offset on a tiny random model of any supported family.
 """
 
 from __future__ import annotations
@@ -79,16 +79,11 @@ def _print_tiny(result: dict[str, object]) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    family = args.tiny
-    if family is None:
-        try:
-            from reroute.testbed import demo as testbed_demo
-        except ImportError:
-            testbed_demo = None
-        if testbed_demo is not None:
-            return testbed_demo.main(args)
-        family = "olmoe"
-    result = demo_tiny(family, seed=args.seed)
+    if args.tiny is None:
+        from reroute.testbed import demo as testbed_demo
+
+        return testbed_demo.main(args)
+    result = demo_tiny(args.tiny, seed=args.seed)
     if args.json:
         with open(args.json, "w") as handle:
             json.dump(result, handle, indent=2)

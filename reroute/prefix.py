@@ -1,9 +1,9 @@
 """Reuse of the layers below the first adapted layer across optimisation steps.
 
-C3PO (critical layers) and rerouting (selected layers) change routing only from some layer on, so the hidden
-states entering that layer do not depend on the state being optimised. ``PrefixCache`` runs the batch once, keeps those hidden states, and
-while active replaces the decoder layers below with pass-throughs that hand the cached states on: each
-optimisation step then pays only for the critical suffix of the network (plus embeddings, masks and the head).
+C3PO (critical layers) and rerouting (selected layers) change routing only from some layer on, so the hidden states
+entering that layer do not depend on the state being optimised. ``PrefixCache`` runs the batch once, keeps those
+hidden states, and while active replaces the decoder layers below with pass-throughs that hand the cached states on:
+each optimisation step then pays only for the critical suffix of the network (plus embeddings, masks and the head).
 """
 
 from __future__ import annotations

@@ -182,3 +182,16 @@ def test_training_script_smoke_run(tmp_path: Path) -> None:
     model = OlmoeForCausalLM.from_pretrained(tmp_path)
     assert model.config.num_experts == 8
     assert json.loads((tmp_path / "training_log.json").read_text())["history"][-1]["step"] == 4
+
+
+def test_reroute_demo_on_the_testbed(tmp_path, capsys):
+    import json
+
+    from reroute.cli import main
+
+    out = tmp_path / "demo.json"
+    assert main(["demo", "--json", str(out)]) == 0
+    records = {r["method"]: r for r in json.loads(out.read_text())}
+    assert set(records) == {"base", "c3po (ngd)", "rerouting", "scmoe", "oracle"}
+    assert records["oracle"]["accuracy"] >= records["base"]["accuracy"] + 0.15  # the headroom the testbed exists for
+    assert "reroute eval" in capsys.readouterr().out

@@ -29,6 +29,8 @@ def print_table(results: Sequence[EvalResult], title: str = "reroute eval") -> N
             f"{result.experts_per_token:.2f}",
         )
     console = Console()
+    if not console.is_terminal:  # pipes and logs: wide enough that no column is cut
+        console = Console(width=max(console.width, 110))
     console.print(table)
 
 
