@@ -197,14 +197,20 @@ class ReferenceIndex:
                 f"query embeddings have shape {tuple(queries.shape)}; the index holds {self.dim}-dimensional "
                 f"embeddings from {self.embedder_name}"
             )
-        fetch = min(len(self), k + 16)
-        sims, ids = self._index().search(np.ascontiguousarray(queries.numpy()), fetch)
         out_ids = torch.full((len(queries), k), -1, dtype=torch.long)
         out_sim = torch.zeros(len(queries), k)
-        for q in range(len(queries)):
-            keep = [(i, s) for i, s in zip(ids[q], sims[q]) if i >= 0 and s <= exclude_above][:k]
-            for j, (i, s) in enumerate(keep):
-                out_ids[q, j], out_sim[q, j] = int(i), float(s)
+        fetch = min(len(self), k + 16)
+        while True:  # widen the search until k neighbours survive the near-duplicate exclusion, or none are left
+            sims, ids = self._index().search(np.ascontiguousarray(queries.numpy()), fetch)
+            short = False
+            for q in range(len(queries)):
+                keep = [(i, s) for i, s in zip(ids[q], sims[q]) if i >= 0 and s <= exclude_above][:k]
+                short |= len(keep) < k
+                for j, (i, s) in enumerate(keep):
+                    out_ids[q, j], out_sim[q, j] = int(i), float(s)
+            if not short or fetch >= len(self):
+                break
+            fetch = min(len(self), 4 * fetch)
         return Neighbours(out_ids, out_sim)
 
     # ------------------------------------------------------------------------------------------ storage
