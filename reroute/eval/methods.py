@@ -50,8 +50,9 @@ class Oracle:
         from reroute.c3po.oracle import optimise_oracle
 
         result = optimise_oracle(rm, gold_batch(tokenizer, items), self.layers, self.core_experts, self.steps, self.lr)
-        self.stats["forward_passes"] = self.stats.get("forward_passes", 0) + result.forward_passes
-        self.stats["backward_passes"] = self.stats.get("backward_passes", 0) + result.backward_passes
+        # passes over the batch, counted per item like the other methods
+        self.stats["forward_passes"] = self.stats.get("forward_passes", 0) + result.forward_passes * len(items)
+        self.stats["backward_passes"] = self.stats.get("backward_passes", 0) + result.backward_passes * len(items)
         return result.pathway
 
     def score_choices(self, rm: RoutedModel, tokenizer: Any, items: Sequence[Item]) -> list[int]:
