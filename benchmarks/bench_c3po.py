@@ -12,25 +12,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import time
+from functools import partial
 
 import torch
 import transformers
+from bench_common import SHAPES, build, device_name, median_seconds
 
 import reroute
 from reroute.c3po import C3PO, ReferenceIndex
 from reroute.scoring import choice_batch, continuation_logprobs
 from reroute.testing import tiny_tokenizer
-
-SHAPES = {
-    # a testbed-sized model
-    "small": dict(hidden_size=256, intermediate_size=128, num_hidden_layers=8, num_attention_heads=8,
-                  num_key_value_heads=8, num_experts=64, num_experts_per_tok=8),
-    # OLMoE-1B-7B's shape (random weights)
-    "olmoe-1b-7b": dict(hidden_size=2048, intermediate_size=1024, num_hidden_layers=16, num_attention_heads=16,
-                        num_key_value_heads=16, num_experts=64, num_experts_per_tok=8),
-}
 
 
 def items(n: int, seed: int, vocab: int, length: int) -> list[dict]:
@@ -41,18 +32,6 @@ def items(n: int, seed: int, vocab: int, length: int) -> list[dict]:
         choices = [f" w{int(t)}" for t in torch.randperm(vocab - 3, generator=gen)[:4] + 3]
         out.append({"prompt": " ".join(words), "choices": choices, "label": i % 4})
     return out
-
-
-def timed(fn, device: str, repeats: int) -> float:
-    fn()  # warm-up
-    if device == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(repeats):
-        fn()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return (time.perf_counter() - start) / repeats
 
 
 def main() -> None:
@@ -68,11 +47,8 @@ def main() -> None:
     args = parser.parse_args()
 
     vocab = 512
-    config = transformers.OlmoeConfig(vocab_size=vocab, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-                                      max_position_embeddings=512, **SHAPES[args.shape])
-    torch.manual_seed(0)
     dtype = getattr(torch, args.dtype)
-    model = transformers.OlmoeForCausalLM(config).to(device=args.device, dtype=dtype).eval()
+    model = build(args.shape, args.device, dtype)
     rm = reroute.attach(model)
     tok = tiny_tokenizer(vocab)
     index = ReferenceIndex.build(rm, tok, items(args.reference, 1, vocab, args.prompt_tokens), progress=False)
@@ -80,40 +56,50 @@ def main() -> None:
     batch, _ = choice_batch(tok, test)
     batch = batch.to(args.device)
 
-    def plain() -> None:
-        with torch.no_grad():
-            continuation_logprobs(model, batch)
-
+    c3pos = {surrogate: C3PO(rm, index, tok, surrogate=surrogate) for surrogate in ("mode", "kernel", "ngd", "oracle")}
+    runs = {"plain": partial(continuation_logprobs, model, batch)}
+    runs.update({surrogate: partial(c3po.score_choices, test) for surrogate, c3po in c3pos.items()})
+    with torch.no_grad():
+        seconds = median_seconds(runs, args.device, args.repeats)
     # one plain forward of the items: the choice batch holds 4 rows per item, so a quarter of its cost
-    base = timed(plain, args.device, args.repeats) / 4
+    base = seconds["plain"] / 4
     rows = []
-    for surrogate in ("mode", "kernel", "ngd", "oracle"):
-        c3po = C3PO(rm, index, tok, surrogate=surrogate)
-
-        def adapted(c3po: C3PO = c3po) -> None:
-            c3po.score_choices(test)
-
-        seconds = timed(adapted, args.device, args.repeats)
+    for surrogate, c3po in c3pos.items():
         stats = c3po.adapt(test).stats
-        rows.append({
-            "surrogate": surrogate,
-            "seconds_per_batch": seconds,
-            "cost_vs_plain_forward": (seconds - 4 * base) / base,
-            "forward_passes_per_item": stats["forward_passes"],
-            "backward_passes_per_item": stats["backward_passes"],
-        })
-    device_name = torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu"
-    print(f"C3PO cost per item vs one plain forward — {args.shape}, {args.dtype}, batch {args.batch}, "
-          f"{args.prompt_tokens}-token prompts, index of {len(index)}, on {device_name}")
+        rows.append(
+            {
+                "surrogate": surrogate,
+                "seconds_per_batch": seconds[surrogate],
+                "cost_vs_plain_forward": (seconds[surrogate] - 4 * base) / base,
+                "forward_passes_per_item": stats["forward_passes"],
+                "backward_passes_per_item": stats["backward_passes"],
+            }
+        )
+    name = device_name(args.device)
+    print(
+        f"C3PO cost per item vs one plain forward — {args.shape}, {args.dtype}, batch {args.batch}, "
+        f"{args.prompt_tokens}-token prompts, index of {len(index)}, on {name}"
+    )
     print(f"{'surrogate':<10}{'s/batch':>10}{'× forward':>11}{'fwd/item':>10}{'bwd/item':>10}")
     for row in rows:
-        print(f"{row['surrogate']:<10}{row['seconds_per_batch']:>10.4f}{row['cost_vs_plain_forward']:>11.2f}"
-              f"{row['forward_passes_per_item']:>10.0f}{row['backward_passes_per_item']:>10.0f}")
+        print(
+            f"{row['surrogate']:<10}{row['seconds_per_batch']:>10.4f}{row['cost_vs_plain_forward']:>11.2f}"
+            f"{row['forward_passes_per_item']:>10.0f}{row['backward_passes_per_item']:>10.0f}"
+        )
     if args.json:
-        record = {"benchmark": "c3po_cost", "device": device_name, "torch": torch.__version__,
-                  "transformers": transformers.__version__, "shape": args.shape, "dtype": args.dtype,
-                  "batch": args.batch, "prompt_tokens": args.prompt_tokens, "index_size": len(index),
-                  "plain_forward_seconds_per_item": base, "rows": rows}
+        record = {
+            "benchmark": "c3po_cost",
+            "device": name,
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "shape": args.shape,
+            "dtype": args.dtype,
+            "batch": args.batch,
+            "prompt_tokens": args.prompt_tokens,
+            "index_size": len(index),
+            "plain_forward_seconds_per_item": base,
+            "rows": rows,
+        }
         with open(args.json, "w") as handle:
             json.dump(record, handle, indent=2)
 

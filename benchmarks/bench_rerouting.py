@@ -13,52 +13,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import time
+from functools import partial
 
 import torch
 import transformers
+from bench_common import SHAPES, build, device_name, median_seconds
 
 import reroute
-
-SHAPES = {
-    "small": dict(
-        hidden_size=256,
-        intermediate_size=128,
-        num_hidden_layers=8,
-        num_attention_heads=8,
-        num_key_value_heads=8,
-        num_experts=64,
-        num_experts_per_tok=8,
-    ),
-    "olmoe-1b-7b": dict(
-        hidden_size=2048,
-        intermediate_size=1024,
-        num_hidden_layers=16,
-        num_attention_heads=16,
-        num_key_value_heads=16,
-        num_experts=64,
-        num_experts_per_tok=8,
-    ),
-}
 
 VARIANTS = {
     "all layers": dict(layers="all"),
     "confidence, half": dict(layers="confidence", ratio=0.5),
     "confidence, half, stale cache": dict(layers="confidence", ratio=0.5, rebuild_cache=False),
 }
-
-
-def timed(fn, device: str, repeats: int) -> float:
-    fn()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(repeats):
-        fn()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return (time.perf_counter() - start) / repeats
 
 
 def main() -> None:
@@ -76,37 +43,29 @@ def main() -> None:
     args = parser.parse_args()
 
     vocab = 512
-    config = transformers.OlmoeConfig(
-        vocab_size=vocab,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=None,
-        max_position_embeddings=2048,
-        **SHAPES[args.shape],
-    )
-    torch.manual_seed(0)
-    model = transformers.OlmoeForCausalLM(config).to(device=args.device, dtype=getattr(torch, args.dtype)).eval()
+    model = build(args.shape, args.device, getattr(torch, args.dtype))
     rm = reroute.attach(model)
     prompt = torch.randint(3, vocab, (args.batch, args.prompt_tokens), device=args.device)
     kwargs = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0)
 
-    def plain() -> None:
-        model.generate(prompt, **kwargs)
-
-    base = timed(plain, args.device, args.repeats)
+    runs = {"plain generate()": lambda: model.generate(prompt, **kwargs)}
+    rerouters = {
+        name: reroute.Rerouter(rm, interval=args.interval, steps=args.steps, **options)
+        for name, options in VARIANTS.items()
+    }
+    for name, rerouter in rerouters.items():
+        runs[name] = partial(rerouter.generate, input_ids=prompt, **kwargs)
+    seconds = median_seconds(runs, args.device, args.repeats)
+    base = seconds["plain generate()"]
     rows = [{"variant": "plain generate()", "seconds": base, "ratio": 1.0}]
-    for name, options in VARIANTS.items():
-        rerouter = reroute.Rerouter(rm, interval=args.interval, steps=args.steps, **options)
-
-        def rerouted(rerouter: reroute.Rerouter = rerouter) -> None:
-            rerouter.generate(input_ids=prompt, **kwargs)
-
-        seconds = timed(rerouted, args.device, args.repeats)
-        rows.append({"variant": name, "seconds": seconds, "ratio": seconds / base, "phases": len(rerouter.phases)})
-    device_name = torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu"
+    rows += [
+        {"variant": name, "seconds": seconds[name], "ratio": seconds[name] / base, "phases": len(rerouter.phases)}
+        for name, rerouter in rerouters.items()
+    ]
+    name = device_name(args.device)
     print(
         f"rerouting / plain generation time — {args.shape}, {args.dtype}, batch {args.batch}, "
-        f"{args.prompt_tokens}+{args.new_tokens} tokens, interval {args.interval}, {args.steps} steps, on {device_name}"
+        f"{args.prompt_tokens}+{args.new_tokens} tokens, interval {args.interval}, {args.steps} steps, on {name}"
     )
     print(f"{'variant':<32}{'seconds':>10}{'ratio':>8}")
     for row in rows:
@@ -114,7 +73,7 @@ def main() -> None:
     if args.json:
         record = {
             "benchmark": "rerouting_time_ratio",
-            "device": device_name,
+            "device": name,
             "torch": torch.__version__,
             "transformers": transformers.__version__,
             **{k: v for k, v in vars(args).items() if k != "json"},

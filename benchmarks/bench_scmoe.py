@@ -18,63 +18,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import statistics
-import time
 from collections.abc import Callable
 from functools import partial
 
 import torch
 import transformers
+from bench_common import SHAPES, build, device_name, median_seconds
 
 import reroute
-
-SHAPES: dict[str, dict[str, int]] = {
-    # the OLMoE shape of reroute.testing.tiny_model("olmoe")
-    "tiny": dict(
-        hidden_size=32,
-        intermediate_size=16,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        num_experts=8,
-        num_experts_per_tok=2,
-    ),
-    # a testbed-sized model: OLMoE's routing (64 experts, top-8) at small width
-    "small": dict(
-        hidden_size=256,
-        intermediate_size=128,
-        num_hidden_layers=8,
-        num_attention_heads=8,
-        num_key_value_heads=8,
-        num_experts=64,
-        num_experts_per_tok=8,
-    ),
-    # OLMoE-1B-7B's shape (random weights; for an accelerator)
-    "olmoe-1b-7b": dict(
-        hidden_size=2048,
-        intermediate_size=1024,
-        num_hidden_layers=16,
-        num_attention_heads=16,
-        num_key_value_heads=16,
-        num_experts=64,
-        num_experts_per_tok=8,
-    ),
-}
-
-
-def build(shape: str, device: str, dtype: torch.dtype) -> transformers.PreTrainedModel:
-    config = transformers.OlmoeConfig(
-        vocab_size=512,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-        max_position_embeddings=1024,
-        norm_topk_prob=False,
-        **SHAPES[shape],
-    )
-    torch.manual_seed(0)
-    return transformers.OlmoeForCausalLM(config).to(device=device, dtype=dtype).eval()
 
 
 def fixed_length(
@@ -85,23 +36,6 @@ def fixed_length(
         return generate(
             input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False
         )
-
-
-def median_seconds(runs: dict[tuple[str, str], Callable[[], object]], device: str, repeats: int) -> dict:
-    """Median wall time of each run over ``repeats`` rounds, after a warm-up round. Rounds visit the runs in turn,
-    so that load changes on a shared machine affect every run alike."""
-    times: dict[tuple[str, str], list[float]] = {name: [] for name in runs}
-    for round_idx in range(repeats + 1):
-        for name, fn in runs.items():
-            if device == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            fn()
-            if device == "cuda":
-                torch.cuda.synchronize()
-            if round_idx > 0:
-                times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def main() -> None:
@@ -168,10 +102,10 @@ def main() -> None:
             f"{r['decode_ms_per_token']:>8.2f} {r['decode_ratio_vs_greedy']:>8.2f} {r['total_ratio_vs_greedy']:>8.2f}"
         )
     if args.json:
-        device_name = torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu"
+        name = device_name(args.device)
         meta = {
             "device": args.device,
-            "device_name": device_name,
+            "device_name": name,
             "dtype": args.dtype,
             "threads": args.threads,
             "torch": torch.__version__,

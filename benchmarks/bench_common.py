@@ -1,0 +1,80 @@
+"""Shared by the benchmark scripts: model shapes, model building, timing, the device's name."""
+
+from __future__ import annotations
+
+import platform
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+import transformers
+
+SHAPES: dict[str, dict[str, int]] = {
+    # the OLMoE shape of reroute.testing.tiny_model("olmoe")
+    "tiny": dict(
+        hidden_size=32,
+        intermediate_size=16,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_experts=8,
+        num_experts_per_tok=2,
+    ),
+    # a testbed-sized model: OLMoE's routing (64 experts, top-8) at small width
+    "small": dict(
+        hidden_size=256,
+        intermediate_size=128,
+        num_hidden_layers=8,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+        num_experts=64,
+        num_experts_per_tok=8,
+    ),
+    # OLMoE-1B-7B's shape (random weights; for an accelerator)
+    "olmoe-1b-7b": dict(
+        hidden_size=2048,
+        intermediate_size=1024,
+        num_hidden_layers=16,
+        num_attention_heads=16,
+        num_key_value_heads=16,
+        num_experts=64,
+        num_experts_per_tok=8,
+    ),
+}
+
+
+def build(shape: str, device: str, dtype: torch.dtype) -> transformers.PreTrainedModel:
+    """A random OLMoE of ``shape`` (seed 0), in eval mode."""
+    config = transformers.OlmoeConfig(
+        vocab_size=512,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        max_position_embeddings=1024,
+        norm_topk_prob=False,
+        **SHAPES[shape],
+    )
+    torch.manual_seed(0)
+    return transformers.OlmoeForCausalLM(config).to(device=device, dtype=dtype).eval()
+
+
+def median_seconds(runs: dict[tuple[str, str], Callable[[], object]], device: str, repeats: int) -> dict:
+    """Median wall time of each run over ``repeats`` rounds, after a warm-up round. Rounds visit the runs in turn,
+    so that load changes on a shared machine affect every run alike."""
+    times: dict[tuple[str, str], list[float]] = {name: [] for name in runs}
+    for round_idx in range(repeats + 1):
+        for name, fn in runs.items():
+            if device == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            fn()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            if round_idx > 0:
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def device_name(device: str) -> str:
+    return torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu"
