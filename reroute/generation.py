@@ -234,3 +234,68 @@ def decode(
     return GenerateDecoderOnlyOutput(
         sequences=input_ids, scores=scores, logits=raw_logits, **{_OUTPUT_CACHE_FIELD: scorer.cache}
     )
+
+
+class DecodingMethod:
+    """Base of the method objects that decode through ``generate(custom_generate=...)`` (SCMoE, Rerouter).
+
+    A subclass sets ``self.rm`` and implements :meth:`scorer`; :meth:`generate` and :meth:`decoding_method` are
+    shared. :meth:`finish` runs after every call, whether it succeeded or not (to clear per-call routing state).
+    """
+
+    rm: Any  # the attached model (reroute.RoutedModel)
+
+    def scorer(self, stream: ModelStream) -> NextTokenScorer:
+        """The method's next-token logits over ``stream``."""
+        raise NotImplementedError
+
+    def finish(self, scorer: NextTokenScorer) -> None:
+        """Called after each decoding call."""
+
+    def generate(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.LongTensor | None = None,
+        streamer: BaseStreamer | None = None,
+        **generate_kwargs: Any,
+    ) -> GenerateDecoderOnlyOutput | torch.LongTensor:
+        """``model.generate`` with this method's next-token logits; takes and returns what ``generate()`` does
+        (``max_new_tokens``, ``do_sample``, ``temperature``, ``top_p``, ``top_k``, ``num_return_sequences``,
+        ``eos_token_id``, ``return_dict_in_generate``, ...). Batches must be left-padded.
+
+        ``input_ids [B, S]`` -> ``[B * num_return_sequences, S + new]``.
+        """
+        return self.rm.model.generate(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            custom_generate=self.decoding_method,
+            **{STREAMER_KWARG: streamer},
+            **generate_kwargs,
+        )
+
+    def decoding_method(
+        self,
+        model: PreTrainedModel,
+        input_ids: torch.LongTensor,
+        logits_processor: LogitsProcessorList,
+        stopping_criteria: StoppingCriteriaList,
+        generation_config: GenerationConfig,
+        token_streamer: BaseStreamer | None = None,
+        **model_kwargs: Any,
+    ) -> GenerateDecoderOnlyOutput | torch.LongTensor:
+        """The ``custom_generate`` callable ``generate()`` calls with its prepared inputs."""
+        if model is not self.rm.model:
+            raise ValueError(f"this {type(self).__name__} belongs to another model")
+        scorer = self.scorer(ModelStream(model, generation_config, model_kwargs))
+        try:
+            return decode(
+                model,
+                input_ids,
+                scorer,
+                logits_processor,
+                stopping_criteria,
+                generation_config,
+                streamer=token_streamer,
+            )
+        finally:
+            self.finish(scorer)

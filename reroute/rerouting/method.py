@@ -22,7 +22,7 @@ from transformers.generation.stopping_criteria import StoppingCriteriaList
 from transformers.generation.utils import ALL_CACHE_NAMES
 
 from reroute.attach import RoutedModel, attach
-from reroute.generation import STREAMER_KWARG, ModelStream, decode
+from reroute.generation import DecodingMethod, ModelStream
 from reroute.rerouting.adapt import PhaseResult, RerouterConfig, adapt_phase, routing_confidence, select_layers
 
 if TYPE_CHECKING:
@@ -90,7 +90,7 @@ def _restart(stream: ModelStream) -> ModelStream:
     return ModelStream(stream.model, stream.generation_config, kwargs)
 
 
-class Rerouter:
+class Rerouter(DecodingMethod):
     """Continuous rerouting on an attached model.
 
     Args:
@@ -109,56 +109,21 @@ class Rerouter:
         self.phases: list[PhaseResult] = []
 
     def generate(
-        self,
-        input_ids: torch.LongTensor | None = None,
-        attention_mask: torch.LongTensor | None = None,
-        streamer: BaseStreamer | None = None,
-        **generate_kwargs: Any,
+        self, input_ids: torch.LongTensor | None = None, *args: Any, **kwargs: Any
     ) -> GenerateDecoderOnlyOutput | torch.LongTensor:
-        """``model.generate`` with rerouting; takes and returns what ``generate()`` does (``max_new_tokens``,
-        ``do_sample``, ``temperature``, ``top_p``, ``num_return_sequences``, ``eos_token_id``, ...). Left-pad batches.
-
-        ``input_ids [B, S]`` -> ``[B * num_return_sequences, S + new]``; each of those rows adapts to its own context.
-        """
+        """As :meth:`DecodingMethod.generate`; every row (``num_return_sequences`` rows too) adapts to its context."""
         if input_ids is not None:
             limit = getattr(self.rm.model.config, "max_position_embeddings", None)
             if limit is not None and input_ids.shape[1] > limit:
                 raise ValueError(f"the prompt has {input_ids.shape[1]} tokens; the model's context is {limit}")
-        return self.rm.model.generate(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            custom_generate=self.decoding_method,
-            **{STREAMER_KWARG: streamer},
-            **generate_kwargs,
-        )
+        return super().generate(input_ids, *args, **kwargs)
 
-    def decoding_method(
-        self,
-        model: PreTrainedModel,
-        input_ids: torch.LongTensor,
-        logits_processor: LogitsProcessorList,
-        stopping_criteria: StoppingCriteriaList,
-        generation_config: GenerationConfig,
-        token_streamer: BaseStreamer | None = None,
-        **model_kwargs: Any,
-    ) -> GenerateDecoderOnlyOutput | torch.LongTensor:
-        """The ``custom_generate`` callable ``generate()`` calls with its prepared inputs."""
-        if model is not self.rm.model:
-            raise ValueError("this Rerouter belongs to another model")
-        scorer = _ReroutingScorer(self, ModelStream(model, generation_config, model_kwargs))
-        try:
-            return decode(
-                model,
-                input_ids,
-                scorer,
-                logits_processor,
-                stopping_criteria,
-                generation_config,
-                streamer=token_streamer,
-            )
-        finally:
-            for idx in scorer.layers:  # δ lives for this call only
-                self.rm.layer(idx).row_offsets = None
+    def scorer(self, stream: ModelStream) -> _ReroutingScorer:
+        return _ReroutingScorer(self, stream)
+
+    def finish(self, scorer: _ReroutingScorer) -> None:
+        for idx in scorer.layers:  # δ lives for this call only
+            self.rm.layer(idx).row_offsets = None
 
     def __repr__(self) -> str:
         c = self.config

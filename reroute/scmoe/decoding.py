@@ -37,7 +37,7 @@ from transformers.generation.logits_process import LogitsProcessorList
 from transformers.generation.stopping_criteria import StoppingCriteriaList
 
 from reroute.attach import RoutedModel, attach
-from reroute.generation import STREAMER_KWARG, ModelStream, decode
+from reroute.generation import DecodingMethod, ModelStream
 from reroute.routing.policy import RoutingPolicy
 from reroute.scmoe.config import SCMoEConfig
 from reroute.scmoe.weak import RandomExperts, WeakRouting
@@ -118,7 +118,7 @@ class _OneBatch(_Contrast):
         return self._run(self.stream.step, input_ids)
 
 
-class SCMoE:
+class SCMoE(DecodingMethod):
     """Self-contrast decoding on an attached model.
 
     Args:
@@ -137,45 +137,8 @@ class SCMoE:
         self.config = config if config is not None else SCMoEConfig(**overrides)
         self.weak = WeakRouting.resolve(rm, self.config.weak, self.config.layers)
 
-    def generate(
-        self,
-        input_ids: torch.LongTensor | None = None,
-        attention_mask: torch.LongTensor | None = None,
-        streamer: BaseStreamer | None = None,
-        **generate_kwargs: Any,
-    ) -> GenerateDecoderOnlyOutput | torch.LongTensor:
-        """``model.generate`` with SCMoE's next-token logits; takes and returns what ``generate()`` does
-        (``max_new_tokens``, ``do_sample``, ``temperature``, ``top_p``, ``top_k``, ``num_return_sequences``,
-        ``eos_token_id``, ``return_dict_in_generate``, ...). Batches must be left-padded.
-
-        ``input_ids [B, S]`` -> ``[B * num_return_sequences, S + new]``.
-        """
-        return self.rm.model.generate(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            custom_generate=self.decoding_method,
-            **{STREAMER_KWARG: streamer},
-            **generate_kwargs,
-        )
-
-    def decoding_method(
-        self,
-        model: PreTrainedModel,
-        input_ids: torch.LongTensor,
-        logits_processor: LogitsProcessorList,
-        stopping_criteria: StoppingCriteriaList,
-        generation_config: GenerationConfig,
-        token_streamer: BaseStreamer | None = None,
-        **model_kwargs: Any,
-    ) -> GenerateDecoderOnlyOutput | torch.LongTensor:
-        """The ``custom_generate`` callable ``generate()`` calls with its prepared inputs."""
-        if model is not self.rm.model:
-            raise ValueError("this SCMoE object belongs to another model")
-        stream = ModelStream(model, generation_config, model_kwargs)
-        scorer = _OneBatch(self, stream) if self.config.design == "one-batch" else _TwoPass(self, stream)
-        return decode(
-            model, input_ids, scorer, logits_processor, stopping_criteria, generation_config, streamer=token_streamer
-        )
+    def scorer(self, stream: ModelStream) -> _OneBatch | _TwoPass:
+        return _OneBatch(self, stream) if self.config.design == "one-batch" else _TwoPass(self, stream)
 
     def __repr__(self) -> str:
         c = self.config
