@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from transformers.generation.streamers import BaseStreamer
 
 from reroute.testing import TINY_CONFIGS, tiny_model
 
@@ -38,3 +39,17 @@ def capture_router_inputs(rm) -> tuple[dict[int, torch.Tensor], list]:
 
         handles.append(layer.router.register_forward_pre_hook(hook))
     return inputs, handles
+
+
+class Collect(BaseStreamer):
+    """A streamer that keeps what it is given."""
+
+    def __init__(self) -> None:
+        self.puts: list[torch.Tensor] = []
+        self.ended = 0
+
+    def put(self, value: torch.Tensor) -> None:
+        self.puts.append(value.clone())
+
+    def end(self) -> None:
+        self.ended += 1

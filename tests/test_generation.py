@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers.generation.streamers import BaseStreamer
+from conftest import Collect
 
 from reroute.generation import ModelStream, decode
 from reroute.testing import tiny_model
@@ -25,18 +25,6 @@ def plain(
     return decode(
         model, input_ids, stream, logits_processor, stopping_criteria, generation_config, streamer=token_streamer
     )
-
-
-class Collect(BaseStreamer):
-    def __init__(self) -> None:
-        self.puts: list[torch.Tensor] = []
-        self.ended = 0
-
-    def put(self, value: torch.Tensor) -> None:
-        self.puts.append(value.clone())
-
-    def end(self) -> None:
-        self.ended += 1
 
 
 @pytest.fixture

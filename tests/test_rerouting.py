@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from conftest import Collect
 
 import reroute
 from reroute.rerouting import Rerouter, RerouterConfig, adapt_phase, context_loss, routing_confidence, select_layers
@@ -210,19 +211,7 @@ def test_rows_are_isolated_and_state_resets_between_prompts(rm):
 
 
 def test_front_doors_sampling_and_streamer(rm):
-    from transformers.generation.streamers import BaseStreamer
-
     from reroute.rerouting import rerouting_generate
-
-    class Collect(BaseStreamer):
-        def __init__(self):
-            self.chunks, self.ended = [], False
-
-        def put(self, value):
-            self.chunks.append(value)
-
-        def end(self):
-            self.ended = True
 
     ids, mask = _prompt()
     obj = Rerouter(rm, steps=2, lr=0.2, interval=3).generate(
@@ -243,7 +232,7 @@ def test_front_doors_sampling_and_streamer(rm):
     out = Rerouter(rm, steps=1, interval=2).generate(
         input_ids=ids[:1], max_new_tokens=4, do_sample=True, num_return_sequences=3, streamer=streamer
     )
-    assert out.shape == (3, ids.shape[1] + 4) and streamer.ended and len(streamer.chunks) == 5
+    assert out.shape == (3, ids.shape[1] + 4) and streamer.ended == 1 and len(streamer.puts) == 5
 
 
 def test_bad_inputs(rm):

@@ -9,7 +9,7 @@ import math
 import pytest
 import reference as ref
 import torch
-from transformers.generation.streamers import BaseStreamer
+from conftest import Collect
 
 import reroute
 from reroute import RoutingPolicy, SCMoE, SCMoEConfig
@@ -57,18 +57,6 @@ def reference_decode(rm, ids: torch.Tensor, steps: int, beta: float, alpha: floa
         scores[p < alpha * p.max()] = -math.inf
         seq.append(int(scores.argmax()))
     return seq[len(ids) :]
-
-
-class Collect(BaseStreamer):
-    def __init__(self) -> None:
-        self.puts: list[torch.Tensor] = []
-        self.ended = 0
-
-    def put(self, value: torch.Tensor) -> None:
-        self.puts.append(value.clone())
-
-    def end(self) -> None:
-        self.ended += 1
 
 
 # ------------------------------------------------------------------------------------------------ the contrast
