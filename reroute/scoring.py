@@ -70,20 +70,29 @@ def build_batch(
     return ContinuationBatch(input_ids, attention_mask, target_mask, prompt_len)
 
 
-def continuation_logprobs(model: nn.Module, batch: ContinuationBatch) -> torch.Tensor:
-    """Sum of the log-probabilities of each row's continuation tokens ``[B]`` (differentiable).
+def padded_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Logits ``[B, T, V]`` of a padded batch, no KV cache. Position ids follow the attention mask (as
+    ``generate()`` does for left padding), so a row's result does not depend on how much padding its batch needed."""
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False).logits
 
-    Position ids follow the attention mask (as ``generate()`` does for left padding), so a row's score does not
-    depend on how much padding its batch needed.
-    """
-    position_ids = (batch.attention_mask.cumsum(-1) - 1).clamp(min=0)
-    logits = model(
-        input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=position_ids, use_cache=False
-    ).logits  # [B, T, V]
-    logprobs = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-    targets = batch.input_ids[:, 1:]
-    token_lp = logprobs.gather(-1, targets[..., None])[..., 0]
+
+def next_token_logprobs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Log-probability of every next token ``[B, T - 1]`` (entry ``t`` scores ``input_ids[:, t + 1]``;
+    differentiable)."""
+    logprobs = torch.log_softmax(padded_logits(model, input_ids, attention_mask)[:, :-1].float(), dim=-1)
+    return logprobs.gather(-1, input_ids[:, 1:, None])[..., 0]
+
+
+def continuation_logprobs(model: nn.Module, batch: ContinuationBatch) -> torch.Tensor:
+    """Sum of the log-probabilities of each row's continuation tokens ``[B]`` (differentiable)."""
+    token_lp = next_token_logprobs(model, batch.input_ids, batch.attention_mask)
     return (token_lp * batch.target_mask[:, 1:]).sum(-1)
+
+
+def decode_continuations(tokenizer: Any, sequences: torch.Tensor, prompt_len: int) -> list[str]:
+    """The generated text after column ``prompt_len`` of each row, special tokens dropped, stripped."""
+    return [tokenizer.decode(row[prompt_len:], skip_special_tokens=True).strip() for row in sequences]
 
 
 def encode_pair(tokenizer: Any, prompt: str, continuation: str) -> tuple[list[int], list[int]]:
@@ -147,7 +156,7 @@ def generate_with(rm: RoutedModel, tokenizer: Any, items: Sequence[Item], max_ne
             do_sample=False,
             pad_token_id=_pad_id(tokenizer),
         )
-    return [tokenizer.decode(row[batch.prompt_len :], skip_special_tokens=True).strip() for row in out]
+    return decode_continuations(tokenizer, out, batch.prompt_len)
 
 
 def _normalise(text: str) -> str:

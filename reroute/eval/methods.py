@@ -14,7 +14,15 @@ import torch
 
 from reroute.attach import RoutedModel
 from reroute.data import Item
-from reroute.scoring import choice_batch, generate_with, gold_batch, prompt_batch, score_with
+from reroute.scoring import (
+    choice_batch,
+    decode_continuations,
+    generate_with,
+    gold_batch,
+    padded_logits,
+    prompt_batch,
+    score_with,
+)
 
 
 @dataclass
@@ -118,7 +126,7 @@ class C3POMethod:
             do_sample=False,
             pad_token_id=tokenizer.pad_token_id,
         )
-        return [tokenizer.decode(row[batch.prompt_len :], skip_special_tokens=True).strip() for row in out]
+        return decode_continuations(tokenizer, out, batch.prompt_len)
 
 
 @dataclass
@@ -168,7 +176,7 @@ class ReroutingMethod:
             pad_token_id=tokenizer.pad_token_id,
         )
         self._record(rerouter.phases, len(items))
-        return [tokenizer.decode(row[batch.prompt_len :], skip_special_tokens=True).strip() for row in out]
+        return decode_continuations(tokenizer, out, batch.prompt_len)
 
 
 @dataclass
@@ -188,14 +196,10 @@ class SCMoEMethod:
         scmoe = SCMoE(rm, **self.options)
         batch, n_choices = choice_batch(tokenizer, items)
         batch = batch.to(rm.model.device)
-        position_ids = (batch.attention_mask.cumsum(-1) - 1).clamp(min=0)
-        inputs = dict(
-            input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=position_ids, use_cache=False
-        )
         with torch.no_grad():
-            strong = rm.model(**inputs).logits[:, :-1]
+            strong = padded_logits(rm.model, batch.input_ids, batch.attention_mask)[:, :-1]
             with scmoe.weak.applied(rm, batch.input_ids.shape[0], draws=_draws(scmoe)):
-                weak = rm.model(**inputs).logits[:, :-1]
+                weak = padded_logits(rm.model, batch.input_ids, batch.attention_mask)[:, :-1]
         rows, length, vocab = strong.shape
         contrast = self_contrast(
             strong.reshape(-1, vocab), weak.reshape(-1, vocab), scmoe.config.beta, scmoe.config.alpha
@@ -217,7 +221,7 @@ class SCMoEMethod:
             do_sample=False,
             pad_token_id=tokenizer.pad_token_id,
         )
-        return [tokenizer.decode(row[batch.prompt_len :], skip_special_tokens=True).strip() for row in out]
+        return decode_continuations(tokenizer, out, batch.prompt_len)
 
 
 def _draws(scmoe: Any) -> Any:

@@ -17,6 +17,7 @@ import torch
 
 from reroute.attach import RoutedModel
 from reroute.prefix import PrefixCache
+from reroute.scoring import next_token_logprobs, padded_logits
 
 
 @dataclass
@@ -68,12 +69,7 @@ class RerouterConfig:
 
 def context_loss(rm: RoutedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Per-row mean next-token NLL over the context ``[B]`` (padding and the first token excluded)."""
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    logits = rm.model(
-        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
-    ).logits
-    logprobs = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-    nll = -logprobs.gather(-1, input_ids[:, 1:, None])[..., 0]
+    nll = -next_token_logprobs(rm.model, input_ids, attention_mask)
     mask = (attention_mask[:, 1:] * attention_mask[:, :-1]).float()
     return (nll * mask).sum(-1) / mask.sum(-1).clamp(min=1)
 
@@ -84,9 +80,8 @@ def routing_confidence(rm: RoutedModel, input_ids: torch.Tensor, attention_mask:
     High C_i means the router puts *little* probability on its choices (low confidence) — the inconsistency
     reviewers noted; ``RerouterConfig.prefer`` makes the direction explicit.
     """
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     with torch.no_grad(), rm.trace() as trace:
-        rm.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+        padded_logits(rm.model, input_ids, attention_mask)
     mask = attention_mask.bool().cpu()
     scores = {}
     for layer in rm.moe_layers:
