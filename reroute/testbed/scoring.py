@@ -13,6 +13,8 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from reroute.scoring import build_batch, continuation_logprobs, encode_pair
+
 
 @dataclass
 class ChoiceScores:
@@ -37,39 +39,21 @@ class ChoiceScores:
 def split_continuation(
     tokenizer: PreTrainedTokenizerBase, prompt: str, continuation: str
 ) -> tuple[list[int], list[int]]:
-    """Token ids of ``prompt`` and of ``continuation`` as tokenised after it; raises if the prompt's ids are not a
-    prefix of the whole string's ids."""
-    context = tokenizer(prompt)["input_ids"]
-    whole = tokenizer(prompt + continuation)["input_ids"]
-    if whole[: len(context)] != context or len(whole) == len(context):
+    """Token ids of ``prompt`` and of ``continuation`` as tokenised after it (:func:`reroute.scoring.encode_pair`);
+    raises if the continuation has no tokens of its own."""
+    context, target = encode_pair(tokenizer, prompt, continuation)
+    if not target:
         raise ValueError(f"{continuation!r} does not tokenise as a non-empty continuation of {prompt!r}")
-    return context, whole[len(context) :]
+    return context, target
 
 
 def continuation_loglikelihoods(
     model: PreTrainedModel, pad_token_id: int, pairs: Sequence[tuple[list[int], list[int]]]
 ) -> torch.Tensor:
-    """``[len(pairs)]`` summed log-probability of each continuation given its context, in one forward.
-
-    Rows are ``context + continuation`` right-padded with ``pad_token_id``: padding sits after every real token,
-    so under causal attention it changes no real position's logits. Differentiable (no ``no_grad`` here), so a
-    method can optimise routing state on it.
-    """
-    lengths = [len(c) + len(t) for c, t in pairs]
-    width = max(lengths)
-    device = model.device
-    input_ids = torch.full((len(pairs), width), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros_like(input_ids)
-    target_mask = torch.zeros_like(input_ids, dtype=torch.bool)  # True where the token is a scored target
-    for row, ((context, target), length) in enumerate(zip(pairs, lengths)):
-        input_ids[row, :length] = torch.tensor(context + target)
-        attention_mask[row, :length] = 1
-        target_mask[row, len(context) : length] = True
-    input_ids, attention_mask, target_mask = input_ids.to(device), attention_mask.to(device), target_mask.to(device)
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits  # [B, T, V]
-    logprobs = torch.log_softmax(logits[:, :-1].float(), dim=-1)  # position t predicts token t + 1
-    token_logprobs = logprobs.gather(-1, input_ids[:, 1:, None])[..., 0]  # [B, T - 1]
-    return (token_logprobs * target_mask[:, 1:]).sum(-1)
+    """``[len(pairs)]`` summed log-probability of each continuation given its context, in one forward
+    (:func:`reroute.scoring.continuation_logprobs`; differentiable, so a method can optimise routing on it)."""
+    batch = build_batch([c for c, _ in pairs], [t for _, t in pairs], pad_token_id).to(model.device)
+    return continuation_logprobs(model, batch)
 
 
 @torch.no_grad()
