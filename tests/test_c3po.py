@@ -9,8 +9,10 @@ import torch
 
 import reroute
 from reroute.c3po import C3PO, C3POConfig, ReferenceIndex, ReferenceIndexError
+from reroute.c3po.embed import make_embedder, prompt_pathways
 from reroute.c3po.pathway import Pathway, own_pathway
 from reroute.c3po.surrogates import core_average, kernel_weights, mode_finding, neighbour_loss
+from reroute.data import item_key
 from reroute.scoring import gold_batch
 from reroute.testing import tiny_model, tiny_tokenizer
 
@@ -163,12 +165,53 @@ def test_mode_finding_converges_on_a_planted_mode():
     )
 
 
+def test_lexical_embedder_counts_tokens():
+    from reroute.c3po.embed import LexicalEmbedder, make_embedder
+
+    tok = tiny_tokenizer()
+    emb = make_embedder("lexical-64")
+    assert isinstance(emb, LexicalEmbedder) and emb.name == "lexical-64"
+    vectors = emb(None, tok, ["w3 w4 w4", "w4 w3 w4", "w5"])
+    assert torch.allclose(vectors[0], vectors[1])  # a bag of tokens: order does not matter
+    assert float(vectors[0] @ vectors[2]) == 0.0
+    ids = tok("w3 w4 w4", add_special_tokens=False)["input_ids"]
+    expected = torch.zeros(64)
+    for i in ids:
+        expected[i % 64] += 1
+    torch.testing.assert_close(vectors[0], expected / expected.norm())
+    with pytest.raises(ValueError, match="dim"):
+        LexicalEmbedder(0)
+
+
+def test_index_retrieves_by_a_query_field(setup, tmp_path):
+    rm, tok, _, _ = setup
+    data = [{**item, "question": item["prompt"].split(" ", 1)[1]} for item in _items(40, 1)]
+    index = ReferenceIndex.build(
+        rm, tok, data, embedder="lexical", path=tmp_path, query_field="question", progress=False
+    )
+    keep = [item for item in data if item_key(item) in {item_key(i) for i in index.items}]
+    torch.testing.assert_close(index.embeddings, make_embedder("lexical")(rm, tok, [i["question"] for i in keep]))
+    # pathways still come from the full prompt
+    torch.testing.assert_close(index.pathways, prompt_pathways(rm, tok, [i["prompt"] for i in keep]))
+    loaded = ReferenceIndex.load(tmp_path, rm)
+    assert loaded.query_field == "question" and loaded.embedder_name == "lexical-4096"
+    c3po = C3PO(rm, loaded, tok, surrogate="kernel", critical_layers=2, core_experts=6)  # embedder from the index
+    assert c3po.adapt([{**data[0], "prompt": "w9 " + data[0]["prompt"]}]).neighbours.shape == (1, 3)
+    with pytest.raises(ReferenceIndexError, match="'question' field"):
+        c3po.adapt(["w3 w4 w5"])  # a bare prompt has no question to retrieve by
+    with pytest.raises(ReferenceIndexError, match="'question' field"):
+        ReferenceIndex.build(rm, tok, _items(4, 9), embedder="lexical", query_field="question", progress=False)
+    with pytest.raises(ReferenceIndexError, match="embeds the 'question' field"):
+        ReferenceIndex.build(rm, tok, data, embedder="lexical", path=tmp_path, progress=False)
+
+
 def test_gate_abstains_and_abstaining_items_route_exactly_as_base(setup):
     rm, tok, index, _ = setup
     test = _items(5, 4)
     c3po = C3PO(rm, index, tok, surrogate="kernel", critical_layers=2, core_experts=6, min_agreement=2.0)
     adaptation = c3po.adapt(test)
     assert adaptation.abstained.all() and adaptation.stats["abstained"] == 1.0
+    assert adaptation.agreement.shape == adaptation.gain.shape == (5,) and (adaptation.agreement < 2.0).all()
     base = reroute.scoring.choice_batch(tok, test)[0]
     with torch.no_grad():
         plain = reroute.scoring.continuation_logprobs(rm.model, base)

@@ -1,13 +1,15 @@
 """Embeddings for finding a test item's neighbours in the reference set (C3PO §3.4).
 
 The default needs no download: the model's own final hidden states, mean-pooled over the prompt. Also: the
-model's routing pathway at the last prompt token as a fingerprint, a ``sentence-transformers`` model by name,
-or any callable ``texts -> [N, D]``. Every embedder has a ``name`` that the reference index records, so an
+model's routing pathway at the last prompt token as a fingerprint, a lexical bag of the tokenizer's tokens
+(hashed term counts, no model run), a ``sentence-transformers`` model by name, or any callable
+``texts -> [N, D]``. Every embedder has a ``name`` that the reference index records, so an
 index is never searched with embeddings of another kind.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -50,6 +52,25 @@ class PathwayEmbedder:
         return _normalise(prompt_pathways(rm, tokenizer, prompts).flatten(1))
 
 
+class LexicalEmbedder:
+    """Term counts of the tokenizer's tokens, hashed into ``dim`` buckets (token id modulo ``dim``) and
+    L2-normalised ``[N, dim]``: a model-free lexical key, like a bag-of-words retriever. It ignores what the
+    model makes of the text, so instructions that the model reads differently do not move it much."""
+
+    def __init__(self, dim: int = 4096) -> None:
+        if not isinstance(dim, int) or dim < 1:
+            raise ValueError(f"dim must be a positive integer, got {dim!r}")
+        self.dim = dim
+        self.name = f"lexical-{dim}"
+
+    def __call__(self, rm: RoutedModel, tokenizer: Any, prompts: Sequence[str]) -> torch.Tensor:
+        counts = torch.zeros(len(prompts), self.dim)
+        for row, ids in enumerate(tokenizer(list(prompts), add_special_tokens=False)["input_ids"]):
+            ids = torch.as_tensor(ids, dtype=torch.long) % self.dim
+            counts[row].index_add_(0, ids, torch.ones(len(ids)))
+        return _normalise(counts)
+
+
 class CallableEmbedder:
     """Any function ``texts -> [N, D]`` (e.g. an API or a local encoder), under a name of your choice."""
 
@@ -79,17 +100,24 @@ class SentenceTransformerEmbedder(CallableEmbedder):
 
 
 def make_embedder(spec: str | Callable[..., Any] | None) -> Any:
-    """``None``/``"hidden"``: hidden states; ``"pathway"``: routing fingerprint; other strings: a
-    sentence-transformers model; an embedder object is returned as is."""
-    if spec is None or spec == "hidden":
+    """``None``/``"hidden"``: hidden states; ``"pathway"``: routing fingerprint; ``"lexical"`` (or
+    ``"lexical-<dim>"``): hashed token counts; other strings: a sentence-transformers model; an embedder object is
+    returned as is."""
+    if spec is None or spec in ("hidden", HiddenStateEmbedder.name):
         return HiddenStateEmbedder()
-    if spec == "pathway":
+    if spec in ("pathway", PathwayEmbedder.name):
         return PathwayEmbedder()
+    if spec == "lexical":
+        return LexicalEmbedder()
+    if isinstance(spec, str) and re.fullmatch(r"lexical-\d+", spec):
+        return LexicalEmbedder(int(spec.split("-")[1]))
     if isinstance(spec, str):
         return SentenceTransformerEmbedder(spec)
     if callable(spec) and hasattr(spec, "name"):
         return spec
-    raise TypeError("embedder must be 'hidden', 'pathway', a sentence-transformers name or an embedder object")
+    raise TypeError(
+        "embedder must be 'hidden', 'pathway', 'lexical', a sentence-transformers name or an embedder object"
+    )
 
 
 def prompt_pathways(rm: RoutedModel, tokenizer: Any, prompts: Sequence[str]) -> torch.Tensor:

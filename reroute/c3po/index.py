@@ -57,8 +57,10 @@ class ReferenceIndex:
         pathways: torch.Tensor,
         seen: list[str],
         faiss_kind: str = "flat",
+        query_field: str = "prompt",
     ) -> None:
         self.fingerprint = fingerprint
+        self.query_field = query_field
         self.embedder_name = embedder_name
         self.mode = mode
         self.items = items
@@ -90,8 +92,14 @@ class ReferenceIndex:
         path: str | Path | None = None,
         faiss_kind: str = "flat",
         progress: bool = True,
+        query_field: str = "prompt",
     ) -> ReferenceIndex:
         """Run the model on ``data`` (Dataset, JSONL path or dicts) and keep what it answers correctly.
+
+        ``query_field`` names the item field that is embedded for retrieval (the reference items' and, at test time,
+        the queries'): the whole ``prompt`` by default, or e.g. a bare ``question`` without the instructions,
+        few-shot demonstrations or task cue that the reference set's prompts carry and the test prompts may not.
+        The pathways always come from the full prompt.
 
         With ``path``, progress is saved there after every batch and an existing index at ``path`` is resumed
         (items already seen are skipped); :meth:`extend` adds data to an index later.
@@ -100,9 +108,23 @@ class ReferenceIndex:
         if path is not None and (Path(path) / "index.json").is_file():
             index = cls.load(path, rm, embed)
         else:
-            index = cls(rm.fingerprint(), embed.name, mode, [], torch.zeros(0, 0), torch.zeros(0, 0, 0), [], faiss_kind)
+            index = cls(
+                rm.fingerprint(),
+                embed.name,
+                mode,
+                [],
+                torch.zeros(0, 0),
+                torch.zeros(0, 0, 0),
+                [],
+                faiss_kind,
+                query_field,
+            )
         if index.mode != mode:
             raise ReferenceIndexError(f"the index at {path} was built in {index.mode!r} mode, not {mode!r}")
+        if index.query_field != query_field:
+            raise ReferenceIndexError(
+                f"the index at {path} embeds the {index.query_field!r} field, not {query_field!r}"
+            )
         return index.extend(rm, tokenizer, data, embed, batch_size, path, progress)
 
     def extend(
@@ -122,6 +144,7 @@ class ReferenceIndex:
         todo = [item for item in load_items(data) if item_key(item) not in seen]
         if self.mode == "mc" and any(item.get("choices") is None for item in todo):
             raise ReferenceIndexError("multiple-choice index: every reference item needs choices and a label")
+        self.query_texts(todo)  # every item has the retrieval field, before any model run
         with progress_bar(progress, "reference index", len(todo)) as advance:
             for start in range(0, len(todo), batch_size):
                 batch = todo[start : start + batch_size]
@@ -142,13 +165,27 @@ class ReferenceIndex:
         keep = [item for item, ok in zip(batch, correct) if ok]
         if not keep:
             return
-        prompts = [item["prompt"] for item in keep]
-        embeddings = embed(rm, tokenizer, prompts).float().cpu()
-        pathways = prompt_pathways(rm, tokenizer, prompts)
+        embeddings = embed(rm, tokenizer, self.query_texts(keep)).float().cpu()
+        pathways = prompt_pathways(rm, tokenizer, [item["prompt"] for item in keep])
         self.embeddings = embeddings if len(self.items) == 0 else torch.cat([self.embeddings, embeddings])
         self.pathways = pathways if len(self.items) == 0 else torch.cat([self.pathways, pathways])
         self.items += keep
         self._faiss = None  # rebuilt on the next search or save
+
+    def query_texts(self, items: Sequence[Item | str]) -> list[str]:
+        """The text embedded for retrieval: each item's ``query_field`` (a bare string counts as a prompt)."""
+        texts = []
+        for item in items:
+            if isinstance(item, str):
+                item = {"prompt": item}
+            text = item.get(self.query_field)
+            if not isinstance(text, str):
+                name = item.get("id", repr(item.get("prompt", ""))[:60])
+                raise ReferenceIndexError(
+                    f"the index retrieves by the {self.query_field!r} field, which item {name} lacks (a text is needed)"
+                )
+            texts.append(text)
+        return texts
 
     # ------------------------------------------------------------------------------------------ searching
     @property
@@ -225,6 +262,7 @@ class ReferenceIndex:
             "version": VERSION,
             "fingerprint": self.fingerprint,
             "embedder": self.embedder_name,
+            "query_field": self.query_field,
             "mode": self.mode,
             "faiss": self.faiss_kind,
             "size": len(self),
@@ -272,6 +310,7 @@ class ReferenceIndex:
             tensors["pathways"],
             meta.get("seen", []),
             meta.get("faiss", "flat"),
+            meta.get("query_field", "prompt"),
         )
         if size:
             try:

@@ -95,6 +95,10 @@ class Adaptation:
         pathway: per-item pathway over the critical layers.
         abstained: ``[B]`` bool, True where the gate kept the base routing.
         neighbours: ``[B, k]`` reference ids (empty for ``mode``/``oracle``).
+        gain: ``[B]`` relative fall of the surrogate loss (neighbours' loss for ``ngd``/``kernel``, own gold loss
+            for ``oracle``; zero for ``mode``), the quantity the ``min_gain`` gate reads.
+        agreement: ``[B]`` mean pairwise cosine similarity of the neighbours' pathways (1 without neighbours), the
+            quantity the ``min_agreement`` gate reads.
         stats: per-batch cost (forward/backward passes over the batch, seconds) and surrogate diagnostics.
     """
 
@@ -102,6 +106,8 @@ class Adaptation:
     abstained: torch.Tensor
     neighbours: torch.Tensor
     stats: dict[str, float]
+    gain: torch.Tensor | None = None
+    agreement: torch.Tensor | None = None
 
 
 class C3PO:
@@ -157,7 +163,7 @@ class C3PO:
                 )
                 result = SurrogateResult(pathway, torch.zeros(len(items)), torch.zeros(len(items)))
             else:
-                found = self._neighbours(prompts)
+                found = self._neighbours(items)
                 neighbours = found.ids
                 weights = kernel_weights(found.similarity, cfg.kernel, cfg.bandwidth)
                 agreement = self._agreement(neighbours)
@@ -175,16 +181,17 @@ class C3PO:
                 result.backward_passes = result.backward_passes * cfg.k
         finally:
             self.rm.clear_mixing(self.layers)
-        abstained = self._gate(result, agreement)
+        gain = _relative_gain(result)
+        abstained = self._gate(gain, agreement)
         stats["forward_passes"] += result.forward_passes
         stats["backward_passes"] += result.backward_passes
         stats["seconds"] = time.perf_counter() - start
         stats["abstained"] = float(abstained.float().mean())
         stats.update(result.extra)
-        return Adaptation(result.pathway, abstained, neighbours, stats)
+        return Adaptation(result.pathway, abstained, neighbours, stats, gain, agreement.cpu())
 
-    def _neighbours(self, prompts: Sequence[str]):
-        queries = self.embedder(self.rm, self.tokenizer, prompts)
+    def _neighbours(self, items: Sequence[Item]):
+        queries = self.embedder(self.rm, self.tokenizer, self.index.query_texts(items))
         found = self.index.search(queries, self.config.k, self.config.exclude_above)
         if (found.ids < 0).any():
             raise ReferenceIndexError(
@@ -213,13 +220,12 @@ class C3PO:
         n = min(self.config.last_tokens, prompt_len)
         return torch.arange(prompt_len - n, prompt_len)[None]
 
-    def _gate(self, result: SurrogateResult, agreement: torch.Tensor) -> torch.Tensor:
+    def _gate(self, gain: torch.Tensor, agreement: torch.Tensor) -> torch.Tensor:
         cfg = self.config
         abstain = torch.zeros(len(agreement), dtype=torch.bool)
         if cfg.min_agreement is not None:
             abstain |= agreement.cpu() < cfg.min_agreement
         if cfg.min_gain is not None and cfg.surrogate in ("ngd", "kernel"):
-            gain = (result.loss_before - result.loss_after) / result.loss_before.abs().clamp(min=1e-8)
             abstain |= gain <= cfg.min_gain
         return abstain
 
@@ -285,7 +291,7 @@ class C3PO:
         """The kernel-weighted neighbour loss ``[B]`` of an adaptation (diagnostics)."""
         if adaptation.neighbours.numel() == 0:
             raise ValueError("this adaptation has no neighbours (mode finding or oracle)")
-        found = self.index.search(self.embedder(self.rm, self.tokenizer, [i["prompt"] for i in items]), self.config.k)
+        found = self.index.search(self.embedder(self.rm, self.tokenizer, self.index.query_texts(items)), self.config.k)
         weights = kernel_weights(found.similarity, self.config.kernel, self.config.bandwidth)
         batch, positions = self._neighbour_batch(adaptation.neighbours)
         try:
@@ -295,11 +301,14 @@ class C3PO:
             self.rm.clear_mixing(self.layers)
 
 
+def _relative_gain(result: SurrogateResult) -> torch.Tensor:
+    before, after = result.loss_before.detach().float().cpu(), result.loss_after.detach().float().cpu()
+    return (before - after) / before.abs().clamp(min=1e-8)
+
+
 def _embedder_spec(index: ReferenceIndex) -> str | None:
-    if index.embedder_name == "hidden-mean":
-        return "hidden"
-    if index.embedder_name == "routing-pathway":
-        return "pathway"
+    if index.embedder_name in ("hidden-mean", "routing-pathway") or index.embedder_name.startswith("lexical-"):
+        return index.embedder_name
     if index.embedder_name.startswith("sentence-transformers:"):
         return index.embedder_name.split(":", 1)[1]
     raise ReferenceIndexError(f"the index was built with {index.embedder_name}; pass the same embedder object")

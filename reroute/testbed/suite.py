@@ -18,7 +18,9 @@ Splits (see :data:`SPLITS`):
 
 Items are dicts: ``id``, ``split``, ``domain``, ``prompt``, ``answer`` (the gold continuation, with its leading
 space), ``choices`` (``NUM_CHOICES`` continuations: the gold answer and the answers other domains give on the
-same input), ``label`` (index of the answer in ``choices``), ``shots`` (demonstrations in the prompt).
+same input), ``label`` (index of the answer in ``choices``), ``shots`` (demonstrations in the prompt), ``question`` (the
+item's own input line without cue or demonstrations: what C3PO's retrieval can key on, since test prompts lack
+the cue that reference prompts carry).
 """
 
 from __future__ import annotations
@@ -195,6 +197,7 @@ def make_item(rng: random.Random, domain: Domain, split: str, index: int) -> Ite
         "split": split,
         "domain": domain.name,
         "prompt": prefix + _line(numbers, domain.name if cued else None),
+        "question": _line(numbers, None),
         "answer": choices[label],
         "choices": choices,
         "label": label,
