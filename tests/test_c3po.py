@@ -120,6 +120,7 @@ def test_ngd_lowers_the_neighbours_loss(setup):
     before = c3po.neighbour_losses(test, own)
     assert (after <= before + 1e-5).all() and (after < before).any()
     assert adaptation.stats["backward_passes"] == 8 * 3  # steps x k neighbours per item
+    assert all(p.grad is None and p.requires_grad for p in rm.model.parameters())  # weights untouched
     assert all(layer.mixing is None for layer in rm.layers.values())
 
 

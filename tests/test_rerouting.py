@@ -44,6 +44,8 @@ def test_phase_lowers_the_context_loss(rm, context):
     with torch.no_grad():  # the δ left installed is the one that gave loss_after
         torch.testing.assert_close(context_loss(rm, ids, mask), result.loss_after)
     assert result.forward_passes == 6 and result.backward_passes == 5
+    weights = list(rm.model.parameters())  # δ only: no weight gradient computed or kept, flags restored
+    assert all(p.grad is None and p.requires_grad for p in weights)
 
 
 def test_rows_adapt_independently(rm, context):

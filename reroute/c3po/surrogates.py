@@ -21,6 +21,7 @@ import torch
 
 from reroute.attach import RoutedModel
 from reroute.c3po.pathway import Pathway
+from reroute.frozen import frozen_weights
 from reroute.prefix import PrefixCache
 from reroute.scoring import ContinuationBatch, continuation_logprobs
 
@@ -200,7 +201,7 @@ def neighbourhood_gd(
         continuation_logprobs(rm.model, neighbours)
 
     first_layer = min(own.layers) if reuse_prefix else 0
-    with PrefixCache(rm, first_layer, run):
+    with frozen_weights(rm.model), PrefixCache(rm, first_layer, run):
         for step in range(steps + 1):
             with torch.set_grad_enabled(step < steps):
                 loss = neighbour_loss(rm, working, neighbours, weights, positions)

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from reroute.attach import RoutedModel
+from reroute.frozen import frozen_weights
 from reroute.prefix import PrefixCache
 from reroute.scoring import next_token_logprobs, padded_logits
 
@@ -148,7 +149,8 @@ def adapt_phase(
     rolled_back = False
     before = None
     first_layer = min(order) if config.reuse_prefix else 0
-    with PrefixCache(rm, first_layer, lambda: context_loss(rm, input_ids, attention_mask)):
+    run = lambda: context_loss(rm, input_ids, attention_mask)
+    with frozen_weights(rm.model), PrefixCache(rm, first_layer, run):
         for _ in range(config.steps):
             loss = context_loss(rm, input_ids, attention_mask)
             forwards += 1

@@ -1,0 +1,28 @@
+"""Freeze a model's own weights while routing state is optimised.
+
+Every method here optimises routing state (offsets, mixing logits), never the weights. Weights loaded with
+``from_pretrained`` still have ``requires_grad=True``, so without this a backward pass would also compute, and
+accumulate in ``.grad``, a gradient for every weight of the network: as much memory again as the model and most of
+the backward's work. ``frozen_weights`` switches that off for the duration of an optimisation and restores each
+parameter's flag afterwards.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from torch import nn
+
+
+@contextmanager
+def frozen_weights(model: nn.Module) -> Iterator[None]:
+    """``with frozen_weights(model):`` no parameter of ``model`` requires a gradient; flags restored on exit."""
+    thawed = [p for p in model.parameters() if p.requires_grad]
+    for p in thawed:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in thawed:
+            p.requires_grad_(True)
