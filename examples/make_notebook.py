@@ -122,7 +122,9 @@ adaptation; the right panel is the difference.""",
     ),
     (
         "code",
-        """index = ReferenceIndex.build(rm, tokenizer, reference_items, progress=False)
+        """index = ReferenceIndex.build(  # retrieve by the cue-free question, as a bag of tokens (see testbed NOTES.md)
+    rm, tokenizer, reference_items, embedder="lexical", query_field="question", progress=False
+)
 c3po = reroute.C3PO(rm, index, tokenizer, surrogate="ngd")
 adaptation = c3po.adapt(test_items)
 print(f"index: {len(index)} reference items; C3PO kept the base routing for {int(adaptation.abstained.sum())} "

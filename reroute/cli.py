@@ -166,14 +166,15 @@ def _method_options(args: argparse.Namespace, rm: Any, tokenizer: Any) -> dict[s
     if args.index:
         index = ReferenceIndex.load(args.index, rm)
     else:
-        from reroute.testbed.suite import make_split
+        from reroute.testbed.reference import reference_index
 
-        cache = Path.home() / ".cache" / "reroute" / f"testbed-reference-{args.reference_size}-seed{args.seed}"
-        index = ReferenceIndex.build(
+        index = reference_index(
             rm,
             tokenizer,
-            make_split("reference", n=args.reference_size, seed=args.seed),
-            path=cache,
+            n=args.reference_size,
+            seed=args.seed,
+            embedder=args.embedder,
+            query_field=args.query_field,
             mode=args.mode,
             progress=not args.quiet,
         )
@@ -414,6 +415,16 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda, cuda:1, ...")
     ev.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ev.add_argument("--surrogate", default="ngd", choices=["ngd", "kernel", "mode", "oracle"], help="C3PO surrogate")
+    ev.add_argument(
+        "--embedder",
+        default="lexical",
+        help="C3PO retrieval on the testbed: lexical (default), hidden, pathway or a sentence-transformers name",
+    )
+    ev.add_argument(
+        "--query-field",
+        default="question",
+        help="item field embedded for C3PO retrieval on the testbed (default: the cue-free 'question')",
+    )
     ev.add_argument("--index", help="C3PO reference index folder (default: built from the testbed's reference split)")
     ev.add_argument(
         "--reference-size", type=_positive_int, default=800, help="testbed reference items run to build the index"

@@ -322,12 +322,12 @@ class RoutedLM(HFLM):
         reference_size = options.pop("reference_size", 800)
         embedder = options.pop("embedder", None)
         if index == "testbed":
-            from reroute.testbed.suite import make_split
+            from reroute.testbed.reference import DEFAULT_EMBEDDER, reference_index
 
-            name = f"testbed-reference-{reference_size}-seed0" + (f"-{embedder}" if isinstance(embedder, str) else "")
-            cache = Path.home() / ".cache" / "reroute" / name
-            items = make_split("reference", n=int(reference_size), seed=0)
-            index = ReferenceIndex.build(self.rm, self.tokenizer, items, embedder=embedder, path=cache)
+            embedder = embedder if embedder is not None else DEFAULT_EMBEDDER
+            if not isinstance(embedder, str):
+                raise ValueError("index=testbed builds the testbed's index: pass embedder as a name")
+            index = reference_index(self.rm, self.tokenizer, n=int(reference_size), embedder=embedder)
         elif index is not None and not isinstance(index, ReferenceIndex):
             index = ReferenceIndex.load(index, self.rm)
         return C3PO(self.rm, index, self.tokenizer, embedder=embedder, **options)

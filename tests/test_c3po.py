@@ -223,6 +223,26 @@ def test_gate_abstains_and_abstaining_items_route_exactly_as_base(setup):
     assert torch.equal(gated, plain)
 
 
+def test_confidence_gate_keeps_base_routing_where_the_model_is_sure(setup):
+    rm, tok, index, _ = setup
+    test = _items(6, 5)
+    batch = reroute.scoring.prompt_batch(tok, [item["prompt"] for item in test])
+    with torch.no_grad():
+        logits = reroute.scoring.padded_logits(rm.model, batch.input_ids, batch.attention_mask)[:, -1]
+    expected = torch.softmax(logits.float(), -1).max(-1).values
+    options = dict(surrogate="kernel", critical_layers=2, core_experts=6, min_gain=None)
+    free = C3PO(rm, index, tok, max_confidence=None, **options).adapt(test)
+    torch.testing.assert_close(free.confidence, expected)
+    assert not free.abstained.any()
+    threshold = float(expected.median())
+    gated = C3PO(rm, index, tok, max_confidence=threshold, **options).adapt(test)
+    assert gated.abstained.tolist() == (expected >= threshold).tolist() and gated.abstained.any()
+    oracle = C3PO(rm, None, tok, surrogate="oracle", critical_layers=2, core_experts=6, steps=1, max_confidence=1e-9)
+    assert not oracle.adapt(test).abstained.any()  # the upper bound is never gated
+    with pytest.raises(ValueError, match="max_confidence"):
+        C3POConfig(max_confidence=1.5)
+
+
 def test_surrogates_and_front_doors_run(setup):
     rm, tok, index, _ = setup
     test = _items(4, 5)

@@ -127,7 +127,7 @@ def test_c3po_index_testbed_builds_and_reuses_the_testbed_reference_index(testbe
     options = {"index": "testbed", "reference_size": 24, "k": 2}
     lm = rl.RoutedLM(model, tokenizer=tokenizer, method="c3po", method_args=options)
     (folder,) = (tmp_path / ".cache" / "reroute").iterdir()
-    assert folder.name == "testbed-reference-24-seed0" and (folder / "index.json").is_file()
+    assert folder.name == "testbed-reference-24-seed0-mc-lexical-question" and (folder / "index.json").is_file()
     assert 0 < len(lm._c3po.index) <= 24  # the reference items the model answered correctly
     again = rl.RoutedLM(model, tokenizer=tokenizer, method="c3po", method_args=options)
     assert again._c3po.index.items == lm._c3po.index.items

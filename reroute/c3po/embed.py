@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from reroute.attach import RoutedModel
-from reroute.scoring import continuation_logprobs, prompt_batch
+from reroute.scoring import prompt_batch
 
 
 def _normalise(x: torch.Tensor) -> torch.Tensor:
@@ -122,8 +122,23 @@ def make_embedder(spec: str | Callable[..., Any] | None) -> Any:
 
 def prompt_pathways(rm: RoutedModel, tokenizer: Any, prompts: Sequence[str]) -> torch.Tensor:
     """Per-expert routing scores at each prompt's last token, all MoE layers: ``[N, L, E]`` float32 on CPU."""
+    return prompt_state(rm, tokenizer, prompts)[0]
+
+
+def prompt_state(rm: RoutedModel, tokenizer: Any, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """One forward of the prompts: their pathways ``[N, L, E]`` (as :func:`prompt_pathways`) and the model's
+    confidence at the last prompt token ``[N]`` (the largest next-token probability), both on CPU."""
     batch = prompt_batch(tokenizer, prompts).to(rm.model.device)
+    position_ids = (batch.attention_mask.cumsum(-1) - 1).clamp(min=0)
     with torch.no_grad(), rm.trace() as trace:
-        continuation_logprobs(rm.model, batch)
+        logits = rm.model(
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            position_ids=position_ids,
+            use_cache=False,
+            logits_to_keep=1,  # left padding: the last column is every prompt's last token
+        ).logits[:, -1]
     column = batch.prompt_len - 1
-    return torch.stack([trace.scores(layer)[:, column].float().cpu() for layer in rm.moe_layers], dim=1)
+    pathways = torch.stack([trace.scores(layer)[:, column].float().cpu() for layer in rm.moe_layers], dim=1)
+    confidence = torch.softmax(logits.float(), dim=-1).max(dim=-1).values.cpu()
+    return pathways, confidence

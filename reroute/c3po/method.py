@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from reroute.attach import RoutedModel
-from reroute.c3po.embed import make_embedder, prompt_pathways
+from reroute.c3po.embed import make_embedder, prompt_state
 from reroute.c3po.index import ReferenceIndex, ReferenceIndexError
 from reroute.c3po.oracle import optimise_oracle
 from reroute.c3po.pathway import Pathway, core_size, critical_layers, own_pathway
@@ -68,6 +68,13 @@ class C3POConfig:
     min_gain: float | None = field(
         default=0.0, metadata={"help": "gate: keep base routing when the neighbours' loss falls by less (relative)"}
     )
+    max_confidence: float | None = field(
+        default=0.99,
+        metadata={
+            "help": "gate: keep base routing when the model's next-token probability at the last prompt token is "
+            "at least this (do not re-mix what the model is already sure of; None: off; not applied to the oracle)"
+        },
+    )
     reuse_prefix: bool = field(default=True, metadata={"help": "compute layers below the critical ones once"})
 
     def __post_init__(self) -> None:
@@ -83,6 +90,8 @@ class C3POConfig:
             raise ValueError(f"steps must be a non-negative integer, got {self.steps!r}")
         if not (isinstance(self.lr, (int, float)) and 0 < self.lr < float("inf")):
             raise ValueError(f"lr must be positive and finite, got {self.lr!r}")
+        if self.max_confidence is not None and not 0.0 < self.max_confidence <= 1.0:
+            raise ValueError(f"max_confidence must be in (0, 1] or None, got {self.max_confidence}")
         if not 0.0 < self.exclude_above <= 1.0:
             raise ValueError(f"exclude_above must be in (0, 1], got {self.exclude_above}")
 
@@ -99,6 +108,8 @@ class Adaptation:
             for ``oracle``; zero for ``mode``), the quantity the ``min_gain`` gate reads.
         agreement: ``[B]`` mean pairwise cosine similarity of the neighbours' pathways (1 without neighbours), the
             quantity the ``min_agreement`` gate reads.
+        confidence: ``[B]`` the base model's largest next-token probability at the last prompt token, the quantity
+            the ``max_confidence`` gate reads.
         stats: per-batch cost (forward/backward passes over the batch, seconds) and surrogate diagnostics.
     """
 
@@ -108,6 +119,7 @@ class Adaptation:
     stats: dict[str, float]
     gain: torch.Tensor | None = None
     agreement: torch.Tensor | None = None
+    confidence: torch.Tensor | None = None
 
 
 class C3PO:
@@ -145,7 +157,7 @@ class C3PO:
         prompts = [item["prompt"] for item in items]
         start = time.perf_counter()
         cfg = self.config
-        own_scores = prompt_pathways(self.rm, self.tokenizer, prompts)  # [B, L_all, E]
+        own_scores, confidence = prompt_state(self.rm, self.tokenizer, prompts)  # [B, L_all, E], [B]
         own = own_pathway(
             {layer: own_scores[:, p] for layer, p in zip(self.layers, self.layer_pos)}, self.layers, self.n_core
         )
@@ -182,13 +194,13 @@ class C3PO:
         finally:
             self.rm.clear_mixing(self.layers)
         gain = _relative_gain(result)
-        abstained = self._gate(gain, agreement)
+        abstained = self._gate(gain, agreement, confidence)
         stats["forward_passes"] += result.forward_passes
         stats["backward_passes"] += result.backward_passes
         stats["seconds"] = time.perf_counter() - start
         stats["abstained"] = float(abstained.float().mean())
         stats.update(result.extra)
-        return Adaptation(result.pathway, abstained, neighbours, stats, gain, agreement.cpu())
+        return Adaptation(result.pathway, abstained, neighbours, stats, gain, agreement.cpu(), confidence)
 
     def _neighbours(self, items: Sequence[Item]):
         queries = self.embedder(self.rm, self.tokenizer, self.index.query_texts(items))
@@ -220,9 +232,11 @@ class C3PO:
         n = min(self.config.last_tokens, prompt_len)
         return torch.arange(prompt_len - n, prompt_len)[None]
 
-    def _gate(self, gain: torch.Tensor, agreement: torch.Tensor) -> torch.Tensor:
+    def _gate(self, gain: torch.Tensor, agreement: torch.Tensor, confidence: torch.Tensor) -> torch.Tensor:
         cfg = self.config
         abstain = torch.zeros(len(agreement), dtype=torch.bool)
+        if cfg.max_confidence is not None and cfg.surrogate != "oracle":
+            abstain |= confidence >= cfg.max_confidence
         if cfg.min_agreement is not None:
             abstain |= agreement.cpu() < cfg.min_agreement
         if cfg.min_gain is not None and cfg.surrogate in ("ngd", "kernel"):

@@ -43,7 +43,7 @@ def optimise_oracle(
     if not (lr > 0 and lr < float("inf")):
         raise ValueError(f"lr must be positive and finite, got {lr}")
     chosen = critical_layers(rm, layers)
-    gold = gold.to(rm.layer(chosen[0]).device)
+    gold = gold.to(rm.model.device)  # inputs go where the model takes them (its first device under a device map)
     own = own_pathway(base_scores(rm, gold, chosen), chosen, core_size(rm.num_experts, core_experts))
     weights = torch.ones(gold.input_ids.shape[0], 1)
     try:

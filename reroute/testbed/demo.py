@@ -10,9 +10,9 @@ import json
 from typing import Any
 
 import reroute
-from reroute.c3po import ReferenceIndex
 from reroute.eval import make_method, print_table, run_eval
 from reroute.testbed.model import load_testbed
+from reroute.testbed.reference import reference_index
 from reroute.testbed.suite import make_split
 
 SAMPLE = 48  # test_shift items: seconds per method on a CPU
@@ -23,7 +23,7 @@ def main(args: argparse.Namespace) -> int:
     model, tokenizer = load_testbed()
     rm = reroute.attach(model)
     items = make_split("test_shift", n=SAMPLE, seed=args.seed)
-    index = ReferenceIndex.build(rm, tokenizer, make_split("reference", n=REFERENCE, seed=args.seed), progress=False)
+    index = reference_index(rm, tokenizer, n=REFERENCE, seed=args.seed, cache=False)
     methods: list[tuple[str, Any]] = [
         ("base", make_method("base")),
         ("c3po (ngd)", make_method("c3po", index=index, surrogate="ngd")),
