@@ -2,7 +2,8 @@
 
 A random OLMoE-shaped model built from its config (``--shape``); greedy generation of ``--new-tokens`` tokens after
 a ``--prompt-tokens`` prompt, plain vs rerouted (interval 128, 5 steps by default) with the layer choices that
-matter for cost: all layers, the confidence-selected half, and the stale-cache option. Prints a table and writes
+matter for cost: the default (the confident half of the MoE layers by C_i), the uncertain half, all layers, and the
+stale-cache option. Prints a table and writes
 JSON (device name included). A benchmark, not a test.
 
     python benchmarks/bench_rerouting.py --shape small --device cpu --json rerouting_cpu.json
@@ -22,9 +23,10 @@ from bench_common import SHAPES, build, device_name, median_seconds
 import reroute
 
 VARIANTS = {
+    "default (confident half)": dict(),
+    "uncertain half": dict(prefer="uncertain"),
     "all layers": dict(layers="all"),
-    "confidence, half": dict(layers="confidence", ratio=0.5),
-    "confidence, half, stale cache": dict(layers="confidence", ratio=0.5, rebuild_cache=False),
+    "default, stale cache": dict(rebuild_cache=False),
 }
 
 

@@ -102,11 +102,11 @@ def test_layer_selection(rm, context):
     assert set(confidence) == set(rm.moe_layers) and all(c > 0 for c in confidence.values())
     top = max(confidence, key=confidence.get)
     low = min(confidence, key=confidence.get)
-    hard = select_layers(rm, RerouterConfig(layers="confidence", ratio=0.34), confidence)
+    hard = select_layers(rm, RerouterConfig(layers="confidence", ratio=0.34, prefer="uncertain"), confidence)
     assert list(hard) == [top]  # 'uncertain': the highest C_i, as the paper's formula selects
-    confident = select_layers(rm, RerouterConfig(layers="confidence", ratio=0.34, prefer="confident"), confidence)
-    assert list(confident) == [low]
-    soft = select_layers(rm, RerouterConfig(layers="confidence", selection="soft"), confidence)
+    confident = select_layers(rm, RerouterConfig(layers="confidence", ratio=0.34), confidence)
+    assert list(confident) == [low]  # the default, 'confident': the lowest C_i, as the paper's text says
+    soft = select_layers(rm, RerouterConfig(layers="confidence", selection="soft", prefer="uncertain"), confidence)
     assert soft[top] > soft[low] and math.isclose(sum(soft.values()), len(soft), rel_tol=1e-5)
     assert list(select_layers(rm, RerouterConfig(layers=[2, 1]), None)) == [1, 2]
     with pytest.raises(KeyError, match="not an MoE layer"):

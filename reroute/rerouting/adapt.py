@@ -29,15 +29,17 @@ class RerouterConfig:
     steps: int = field(default=5, metadata={"help": "optimisation steps per phase (0 = plain decoding)"})
     lr: float = field(default=0.05, metadata={"help": "Adam learning rate on δ"})
     layers: str | Sequence[int] = field(
-        default="all", metadata={"help": "'all', 'confidence' (select by C_i) or a list of MoE layer indices"}
+        default="confidence",
+        metadata={"help": "'confidence' (select by C_i), 'all' or a list of MoE layer indices"},
     )
     selection: str = field(default="hard", metadata={"help": "'hard' top-r fraction of layers or 'soft' weighting"})
     ratio: float = field(default=0.5, metadata={"help": "hard selection: fraction of MoE layers adapted"})
     prefer: str = field(
-        default="uncertain",
+        default="confident",
         metadata={
-            "help": "which end of C_i = -mean log p(selected experts) to adapt: 'uncertain' (high C_i, what the "
-            "paper's formula selects) or 'confident' (low C_i, what its text says)"
+            "help": "which end of C_i = -mean log p(selected experts) to adapt: 'confident' (low C_i, what the "
+            "paper's text says; the default, by measurement on the testbed) or 'uncertain' (high C_i, what its "
+            "formula selects)"
         },
     )
     max_norm: float | None = field(default=None, metadata={"help": "clip each row's δ to this L2 norm per layer"})
@@ -125,6 +127,12 @@ class PhaseResult:
     rolled_back: bool
 
 
+def install_row_offsets(rm: RoutedModel, order: Sequence[int], delta: torch.Tensor) -> None:
+    """Set ``delta [B, L_sel, E]`` as the per-row offsets of the layers ``order``, each slice on its layer's device
+    (a model spread over devices keeps δ in one place; ``.to`` is differentiable, so gradients reach δ)."""
+    rm.set_row_offsets({idx: delta[:, j].to(rm.layer(idx).device) for j, idx in enumerate(order)})
+
+
 @torch.enable_grad()  # generate() runs under no_grad; a phase needs gradients whatever the caller's mode
 def adapt_phase(
     rm: RoutedModel,
@@ -144,7 +152,7 @@ def adapt_phase(
     param = delta.detach().clone().requires_grad_()
     optimizer = torch.optim.Adam([param], lr=config.lr)
     last_good = param.detach().clone()
-    rm.set_row_offsets({idx: param[:, j] for j, idx in enumerate(order)})
+    install_row_offsets(rm, order, param)
     forwards = backwards = 0
     rolled_back = False
     before = None
@@ -159,7 +167,7 @@ def adapt_phase(
             if not torch.isfinite(loss).all():
                 rolled_back = True
                 break
-            total = loss.sum() + config.l2 * param.pow(2).sum()
+            total = loss.sum() + config.l2 * param.pow(2).sum().to(loss.device)
             optimizer.zero_grad(set_to_none=True)
             total.backward()
             backwards += 1
@@ -185,5 +193,5 @@ def adapt_phase(
         )
     with torch.no_grad():
         delta.copy_(param)
-    rm.set_row_offsets({idx: delta[:, j] for j, idx in enumerate(order)})
+    install_row_offsets(rm, order, delta)
     return PhaseResult(delta, before if before is not None else after, after, forwards, backwards, rolled_back)

@@ -139,7 +139,7 @@ def rerouting_generate(
     interval: int = 128,
     steps: int = 5,
     lr: float = 0.05,
-    layers: Any = "all",
+    layers: Any = "confidence",
     rerouter_config: RerouterConfig | None = None,
     token_streamer: BaseStreamer | None = None,
     **model_kwargs: Any,
