@@ -1,8 +1,10 @@
 """reroute: test-time adaptation of the expert routing of transformers Mixture-of-Experts models."""
 
+from reroute import plot
 from reroute.arch import FamilyAdapter, UnsupportedModelError, register_family, rules, supported_families
 from reroute.attach import OffsetTable, RoutedModel, attach
 from reroute.c3po import C3PO, C3POConfig, ReferenceIndex
+from reroute.pretrained import RerouteConfig, from_pretrained
 from reroute.rerouting import Rerouter, RerouterConfig, rerouting_generate
 from reroute.routing import ExpertMask, RoutingPolicy, Trace
 from reroute.scmoe import SCMoE, SCMoEConfig, scmoe_generate
@@ -35,4 +37,7 @@ __all__ = [
     "majority_vote",
     "self_consistency",
     "text_sampler",
+    "RerouteConfig",
+    "from_pretrained",
+    "plot",
 ]

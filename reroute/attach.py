@@ -13,6 +13,7 @@ import contextlib
 import json
 import math
 import re
+import types
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
@@ -20,7 +21,8 @@ import torch
 from torch import nn
 
 from reroute.arch import FamilyAdapter, UnsupportedModelError, family_for
-from reroute.routing.layer import LayerRouting, Mixing, RoutingContext
+from reroute.kernels import experts as kernel_experts
+from reroute.routing.layer import LayerRouting, Mixing, RoutingContext, execution_device
 from reroute.routing.policy import ExpertMask, RoutingPolicy
 from reroute.routing.trace import Trace
 
@@ -52,7 +54,8 @@ def _output_order(router: nn.Module) -> tuple[int, int, int]:
     router.eval()
     try:
         with torch.no_grad():
-            probe = torch.zeros(2, router.weight.shape[-1], dtype=router.weight.dtype, device=router.weight.device)
+            weight = router.weight
+            probe = torch.zeros(2, weight.shape[-1], dtype=weight.dtype, device=execution_device(router))
             outputs = router(probe)
     finally:
         router.train(was_training)
@@ -99,7 +102,11 @@ class RoutedModel:
         layers: ``{layer_idx: LayerRouting}``.
     """
 
-    def __init__(self, model: nn.Module, adapter: FamilyAdapter) -> None:
+    def __init__(self, model: nn.Module, adapter: FamilyAdapter, kernels: bool | str = "auto") -> None:
+        # decided (and a bad request rejected) before the model is touched
+        kernels_on = kernel_experts.should_enable(model, kernels)
+        self._kernels_mode = kernels
+        self._kernels_saved: list | None = None
         self.model = model
         self.family = adapter
         self.context = RoutingContext()
@@ -112,6 +119,11 @@ class RoutedModel:
         for name, module in modules.items():
             if not isinstance(module, router_cls):
                 continue
+            if "_reroute_layer" in module.__dict__:
+                raise RuntimeError(
+                    f"router {name} is already controlled by another RoutedModel (attached through another wrapper "
+                    "of this model); use that one, or detach it first"
+                )
             match = _LAYER_NAME.match(name)
             if match is None:
                 raise UnsupportedModelError(f"router {name} is not inside a `layers.<i>` module list")
@@ -126,10 +138,20 @@ class RoutedModel:
         for stack in stacks.values():
             self._hooks.append(stack.register_forward_pre_hook(self._before_forward, with_kwargs=True))
             self._hooks.append(stack.register_forward_hook(self._after_forward, always_call=True))
+        self._hooked_forwards: dict[int, object] = {}
         for idx, (router, cls) in self._routers.items():
             router.__dict__["_reroute_layer"] = self.layers[idx]
             router.__class__ = _routed_class(cls)
-        model.__dict__["_reroute_attached"] = self
+            if "_old_forward" in router.__dict__:
+                # accelerate's device-map hooks (one per module on a multi-device dispatch) call the forward they
+                # saved when hooking, which would bypass the class swap: point it at the routed forward
+                self._hooked_forwards[idx] = router.__dict__["_old_forward"]
+                router._old_forward = types.MethodType(router.__class__.forward, router)
+        # a peft wrapper and the transformers model inside it share one RoutedModel
+        self._marked = [model] + ([] if _core_model(model) is model else [_core_model(model)])
+        for marked in self._marked:
+            marked.__dict__["_reroute_attached"] = self
+        self._set_kernels(kernels_on)
 
     # ----------------------------------------------------------------------------------------------- lifecycle
     @property
@@ -138,14 +160,21 @@ class RoutedModel:
 
     def detach(self) -> nn.Module:
         """Restore the original router classes and remove every hook; returns the model."""
-        for router, cls in self._routers.values():
+        self._set_kernels(False)
+        for idx, (router, cls) in self._routers.items():
             router.__class__ = cls
             router.__dict__.pop("_reroute_layer", None)
+            if idx in self._hooked_forwards:
+                router._old_forward = self._hooked_forwards.pop(idx)
+            elif getattr(router.__dict__.get("_old_forward"), "__func__", None) is _routed_class(cls).forward:
+                # dispatched by accelerate while attached: the forward its hook saved is ours; give it the original
+                router._old_forward = types.MethodType(cls.forward, router)
         for hook in self._hooks:
             hook.remove()
         self._hooks.clear()
         self._routers.clear()
-        self.model.__dict__.pop("_reroute_attached", None)
+        for marked in self._marked:
+            marked.__dict__.pop("_reroute_attached", None)
         return self.model
 
     def __enter__(self) -> RoutedModel:
@@ -412,7 +441,27 @@ class RoutedModel:
                 layer.mixing = Mixing(
                     m.experts.to(layer.device), m.logits.to(layer.device), m.positions.to(layer.device)
                 )
+        self._update_kernels()
         return self
+
+    # ----------------------------------------------------------------------------------------------- kernels
+    @property
+    def kernels(self) -> bool:
+        """Whether the experts run the Triton dispatch (``reroute.kernels``) rather than the model's own."""
+        return self._kernels_saved is not None
+
+    def _update_kernels(self) -> None:
+        """(Re)decide ``attach(..., kernels=...)`` for the model's current device (``"auto"``: on CUDA only)."""
+        self._set_kernels(kernel_experts.should_enable(self.model, self._kernels_mode))
+
+    def _set_kernels(self, on: bool) -> None:
+        if on and self._kernels_saved is None:
+            self._kernels_saved = kernel_experts.enable(self.model)
+        elif not on and self._kernels_saved is not None:
+            kernel_experts.restore(self._kernels_saved)
+            self._kernels_saved = None
+        for layer in self.layers.values():
+            layer.kernels = on
 
     # ----------------------------------------------------------------------------------------------- save / load
     def fingerprint(self) -> dict[str, object]:
@@ -498,6 +547,26 @@ class RoutedModel:
             layer.policy, layer.mask = policies.get(idx), masks.get(idx)
         return self
 
+    def save_pretrained(self, directory: str | Path, method: object = None) -> Path:
+        """peft-style save of the whole routing state (``reroute_config.json`` + ``routing_state.safetensors``),
+        with ``method``'s config (C3PO / Rerouter / SCMoE, or their config) if given. See :mod:`reroute.pretrained`."""
+        from reroute.pretrained import save_pretrained
+
+        return save_pretrained(self, directory, method)
+
+    def load_pretrained(self, directory: str | Path) -> RoutedModel:
+        """Replace the routing state by one saved with :meth:`save_pretrained` (or :meth:`save`); all or nothing."""
+        from reroute.pretrained import load_pretrained
+
+        return load_pretrained(self, directory)
+
+    @classmethod
+    def from_pretrained(cls, model: nn.Module, directory: str | Path) -> RoutedModel:
+        """``reroute.attach(model)`` and load the state saved in ``directory`` (see :func:`reroute.from_pretrained`)."""
+        from reroute.pretrained import from_pretrained
+
+        return from_pretrained(model, directory)
+
     def __repr__(self) -> str:
         state = "attached" if self.attached else "detached"
         return (
@@ -538,13 +607,27 @@ class OffsetTable(Mapping[int, nn.Parameter]):
         return math.sqrt(sum(float(p.detach().pow(2).sum()) for p in self.parameters()))
 
 
-def attach(model: nn.Module) -> RoutedModel:
+def _core_model(model: nn.Module) -> nn.Module:
+    """The transformers model inside a peft wrapper (``PeftModel.get_base_model()``), else the model itself."""
+    get_base_model = getattr(model, "get_base_model", None)
+    return get_base_model() if callable(get_base_model) else model
+
+
+def attach(model: nn.Module, kernels: bool | str = "auto") -> RoutedModel:
     """Attach routing control to a transformers MoE model (or a peft model wrapping one).
 
     Returns the model's :class:`RoutedModel`; attaching an already attached model returns the same object.
     Raises :class:`UnsupportedModelError` naming the supported families for any other model.
+    ``kernels``: ``"auto"`` runs the experts through the Triton dispatch (``reroute.kernels``) when the model
+    is on CUDA and every experts module is supported; ``False`` keeps the model's own experts implementation;
+    ``True`` requires the kernels and raises if they cannot run. Detaching restores the original choice.
+    A model spread over devices (``from_pretrained(..., device_map="auto")``, accelerate's ``dispatch_model``,
+    offloaded layers included) works: each layer's routing state lives on that layer's ``rm.layer(i).device``.
+    peft: a ``PeftModel`` and the model inside it (``get_base_model()``) share one RoutedModel. LoRA on the router
+    (peft wraps it in a ``ParamWrapper`` that adds ``B @ A`` to its weight during the forward) is honoured: the
+    controller sits on the router inside the wrapper, so the logits it routes with include the LoRA update.
     """
-    existing = model.__dict__.get("_reroute_attached")
+    existing = model.__dict__.get("_reroute_attached") or _core_model(model).__dict__.get("_reroute_attached")
     if existing is not None:
         return existing
     config = getattr(model, "config", None)
@@ -553,4 +636,4 @@ def attach(model: nn.Module) -> RoutedModel:
         raise UnsupportedModelError(
             f"{type(model).__name__} has no config.model_type; reroute.attach expects a transformers model"
         )
-    return RoutedModel(model, family_for(model_type))
+    return RoutedModel(model, family_for(model_type), kernels=kernels)

@@ -284,7 +284,7 @@ class DecodingMethod:
         **model_kwargs: Any,
     ) -> GenerateDecoderOnlyOutput | torch.LongTensor:
         """The ``custom_generate`` callable ``generate()`` calls with its prepared inputs."""
-        if model is not self.rm.model:
+        if model.__dict__.get("_reroute_attached") is not self.rm:  # rm.model, or the model inside its peft wrapper
             raise ValueError(f"this {type(self).__name__} belongs to another model")
         scorer = self.scorer(ModelStream(model, generation_config, model_kwargs))
         try:

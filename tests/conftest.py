@@ -1,10 +1,18 @@
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
-from transformers.generation.streamers import BaseStreamer
 
-from reroute.testing import TINY_CONFIGS, tiny_model
+# Without a GPU the Triton kernels run in the interpreter, which must be chosen before triton.language is first
+# imported (transformers' model code imports it through torch._dynamo), hence before the imports below.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from transformers.generation.streamers import BaseStreamer  # noqa: E402
+
+from reroute.testing import TINY_CONFIGS, tiny_model  # noqa: E402
 
 FAMILIES = sorted(TINY_CONFIGS)
 

@@ -44,29 +44,9 @@ def write_json(results: Sequence[EvalResult], path: str | Path) -> Path:
 
 
 def plot_bars(results: Sequence[EvalResult], path: str | Path, title: str = "accuracy") -> Path:
-    """Bar chart of accuracy with 95% interval error bars, one bar per (method, split, mode)."""
-    import matplotlib
+    """Bar chart of accuracy with 95% interval error bars, one bar per run, written to ``path`` (a PNG for a
+    ``.png`` path). The figure comes from :func:`reroute.plot.accuracy_bars`."""
+    from reroute.plot import accuracy_bars
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    if not results:
-        raise ValueError("no results to plot")
-    labels = [f"{r.method}\n{r.split} ({r.mode})" for r in results]
-    acc = [100 * r.accuracy for r in results]
-    low = [100 * (r.accuracy - r.ci95[0]) for r in results]
-    high = [100 * (r.ci95[1] - r.accuracy) for r in results]
-    fig, ax = plt.subplots(figsize=(max(4.0, 1.3 * len(results)), 3.6))
-    ax.bar(range(len(results)), acc, yerr=[low, high], capsize=4, color="#4c72b0")
-    ax.set_xticks(range(len(results)), labels, fontsize=8)
-    ax.set_ylabel("accuracy (%)")
-    ax.set_ylim(0, 100)
-    ax.set_title(title)
-    for i, value in enumerate(acc):
-        ax.text(i, value + 2, f"{value:.1f}", ha="center", fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    accuracy_bars(results, title=title, path=path)
+    return Path(path)

@@ -63,6 +63,19 @@ class Mixing:
     positions: torch.Tensor
 
 
+def execution_device(router: nn.Module) -> torch.device:
+    """The device a router computes on: its weight's, or, where accelerate offloads the weight (kept on the meta
+    device between forwards, loaded by the module's hook), the hook's execution device. A model spread over
+    several devices (``device_map``) thus keeps each layer's routing state beside that layer."""
+    device = router.weight.device
+    if device.type == "meta":
+        hook = getattr(router, "_hf_hook", None)
+        for part in getattr(hook, "hooks", (hook,)):  # a SequentialHook chains several
+            if getattr(part, "execution_device", None) is not None:
+                return torch.device(part.execution_device)
+    return device
+
+
 def expand_rows(state: torch.Tensor, rows: int, what: str) -> torch.Tensor:
     """Match per-row state ``[R, ...]`` to a forward of ``rows`` rows.
 
@@ -91,6 +104,9 @@ class LayerRouting:
         policy: routing policy or ``None`` (the family's own top-k); ``policy_rows`` (bool ``[B]``) limits it to rows.
         mask: expert mask or ``None``.
         mixing: C3PO re-mixing state or ``None``.
+        kernels: route with the Triton routing kernel (``reroute.kernels.routing``) where it applies: on CUDA (or
+            under Triton's interpreter), no gradient wanted, a rule the kernel expresses. Same result as the
+            PyTorch path (ties aside); set by ``attach``.
     """
 
     def __init__(
@@ -109,16 +125,18 @@ class LayerRouting:
         self.output_order = output_order
         self.num_experts = int(router.num_experts)
         self.top_k = int(router.top_k)
-        self.offsets = nn.Parameter(torch.zeros(self.num_experts, device=router.weight.device, dtype=torch.float32))
+        self.offsets = nn.Parameter(torch.zeros(self.num_experts, device=execution_device(router), dtype=torch.float32))
         self.row_offsets: torch.Tensor | None = None
         self.policy: RoutingPolicy | None = None
         self.policy_rows: torch.Tensor | None = None
         self.mask: ExpertMask | None = None
         self.mixing: Mixing | None = None
+        self.kernels = False
 
     @property
     def device(self) -> torch.device:
-        return self.router.weight.device
+        """Where the router runs, and so where this layer's routing state lives (see :func:`execution_device`)."""
+        return execution_device(self.router)
 
     @property
     def width(self) -> int:
@@ -147,14 +165,63 @@ class LayerRouting:
 
     def __call__(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         router, rule = self.router, self.rule
-        logits = self._add_offsets(rule.logits(router, hidden_states))
-        weights, indices = rule.route(router, logits, hidden_states.dtype)
-        if self.policy is not None or self.mask is not None or self.mixing is not None:
-            weights, indices = self._reroute(logits, weights, indices)
+        logits = rule.logits(router, hidden_states)
+        routed = self._kernel_route(logits, hidden_states.dtype) if self.kernels else None
+        if routed is not None:
+            logits, weights, indices = routed
+        else:
+            logits = self._add_offsets(logits)
+            weights, indices = rule.route(router, logits, hidden_states.dtype)
+            if self.policy is not None or self.mask is not None or self.mixing is not None:
+                weights, indices = self._reroute(logits, weights, indices)
         for trace in self.context.traces:
             trace.record(self, logits, weights, indices)
         out = (logits, weights, indices)
         return tuple(out[i] for i in self.output_order)
+
+    def _kernel_route(
+        self, logits: torch.Tensor, input_dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """``(logits + offsets, weights, indices)`` from one Triton launch, or ``None`` where the PyTorch path must
+        run: another device, gradients wanted (the kernel has no backward), a rule the kernel cannot express."""
+        from reroute.kernels import routing as kernel  # triton is optional: imported only when asked for
+
+        mixing = self.mixing
+        if not kernel.runs_on(logits) or self.offsets.device != logits.device:
+            return None
+        state = (logits, self.offsets, self.row_offsets, None if mixing is None else mixing.logits)
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in state):
+            return None
+        spec = kernel.spec_for(self.rule, self.router)
+        if spec is None:
+            return None
+        num_tokens = logits.shape[0]
+        rows = 1
+        if (
+            self.row_offsets is not None
+            or mixing is not None
+            or (self.policy_rows is not None and self.policy_rows.shape[0] > 1)
+        ):
+            rows = self.batch_shape(num_tokens)[0]
+        resolved = None
+        if mixing is not None:
+            experts, omega = mixing.experts, torch.softmax(mixing.logits.float(), dim=-1)
+            if experts.shape[0] != omega.shape[0]:
+                experts = expand_rows(experts, rows, "re-mixing experts")
+                omega = expand_rows(omega, rows, "re-mixing logits")
+            resolved = kernel.KernelMixing(experts, omega, self._mixing_tokens(num_tokens))
+        return kernel.offset_and_route(
+            logits,
+            spec,
+            offsets=self.offsets,
+            row_offsets=self.row_offsets,
+            rows=rows,
+            mask=self.mask,
+            mixing=resolved,
+            policy=self.policy,
+            policy_rows=self.policy_rows,
+            input_dtype=input_dtype,
+        )
 
     def _add_offsets(self, logits: torch.Tensor) -> torch.Tensor:
         if self.offsets.device != logits.device:

@@ -113,7 +113,7 @@ class Trace:
             counts = torch.zeros(num_experts, dtype=torch.float32, device=indices.device)
             counts.index_add_(0, indices[used].clamp(min=0), torch.ones_like(indices[used], dtype=torch.float32))
             rows.append(counts / counts.sum().clamp(min=1) if normalize else counts)
-        return torch.stack(rows)
+        return torch.stack([row.to(rows[0].device) for row in rows])  # layers may sit on several devices
 
     def entropy(self, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Mean routing entropy per layer ``[num_moe_layers]`` (nats) of the normalised per-expert scores."""
@@ -127,7 +127,7 @@ class Trace:
             else:
                 mask = _token_mask(attention_mask, ent).float()
                 values.append((ent * mask).sum() / mask.sum().clamp(min=1))
-        return torch.stack(values)
+        return torch.stack([value.to(values[0].device) for value in values])
 
 
 def _token_mask(attention_mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
