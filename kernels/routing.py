@@ -462,21 +462,7 @@ def _check(tensor: torch.Tensor, shape: tuple[int, ...], device: torch.device, w
         raise ValueError(f"{what} is on {tensor.device} but the logits are on {device}")
 
 
-def route(
-    logits: torch.Tensor,
-    spec: RoutingSpec,
-    *,
-    offsets: torch.Tensor | None = None,
-    row_offsets: torch.Tensor | None = None,
-    rows: int = 1,
-    row_index: torch.Tensor | None = None,
-    mask: ExpertMask | None = None,
-    mixing: KernelMixing | None = None,
-    policy: RoutingPolicy | None = None,
-    policy_rows: torch.Tensor | None = None,
-    input_dtype: torch.dtype | None = None,
-    index_dtype: torch.dtype = torch.int64,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def route(logits: torch.Tensor, spec: RoutingSpec, **state: object) -> tuple[torch.Tensor, torch.Tensor]:
     """Route ``logits [T, E]`` in one kernel launch: ``(weights [T, w], indices [T, w])``.
 
     The output is what ``LayerRouting`` produces for the same state: width ``w`` is the family's top-k, the
@@ -499,20 +485,7 @@ def route(
         input_dtype: dtype of the hidden states (GraniteMoE's weights take it); default the logits' dtype.
         index_dtype: ``torch.int64`` (as ``torch.topk``) or ``torch.int32``.
     """
-    _, weights, indices = _route(
-        logits,
-        spec,
-        offsets=offsets,
-        row_offsets=row_offsets,
-        rows=rows,
-        row_index=row_index,
-        mask=mask,
-        mixing=mixing,
-        policy=policy,
-        policy_rows=policy_rows,
-        input_dtype=input_dtype,
-        index_dtype=index_dtype,
-    )
+    _, weights, indices = _route(logits, spec, **state)
     return weights, indices
 
 

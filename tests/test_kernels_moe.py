@@ -7,14 +7,10 @@ checks run on the GPU. Real model shapes are in ``tests/gpu/test_kernels_gpu.py`
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-pytest.importorskip("triton")
+pytest.importorskip("triton")  # without CUDA, conftest has chosen Triton's interpreter (TRITON_INTERPRET=1)
 
 import reroute  # noqa: E402
 from reroute.kernels import available, experts  # noqa: E402
