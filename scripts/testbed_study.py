@@ -181,6 +181,34 @@ def scmoe_study(rm, tok, args) -> dict:
     return out
 
 
+def self_consistency_study(rm, tok, args) -> dict:
+    """Majority vote over ``n`` samples (temperature 1) per prompt, plain sampling vs SCMoE sampling, beside each
+    method's greedy answer; generation mode on ``test_shift``."""
+    from reroute import SCMoE, self_consistency, text_sampler
+    from reroute.scoring import _normalise, _prediction
+
+    items = make_split("test_shift", args.sc_limit, seed=0)
+    prompts = [item["prompt"] for item in items]
+    gold = [_normalise(item["answer"]) for item in items]
+    out: dict = {"n": args.sc_n, "items": len(items)}
+    generators = {"plain": rm.model.generate, "scmoe (rank2, beta 0.5)": SCMoE(rm, weak="rank2").generate}
+    for name, generate in generators.items():
+        torch.manual_seed(0)
+        sampler = text_sampler(generate, tok, device=rm.model.device, max_new_tokens=4, temperature=1.0,
+                               pad_token_id=tok.pad_token_id)  # fmt: skip
+        votes = self_consistency(sampler, prompts, args.sc_n, lambda text: _prediction(text) or None)
+        greedy = text_sampler(generate, tok, device=rm.model.device, do_sample=False, max_new_tokens=4,
+                              pad_token_id=tok.pad_token_id)  # fmt: skip
+        greedy_answers = [_prediction(greedy(prompt, 1)[0]) for prompt in prompts]
+        out[name] = {
+            "greedy": sum(a == g for a, g in zip(greedy_answers, gold)) / len(items),
+            f"maj@{args.sc_n}": sum(v.winner == g for v, g in zip(votes, gold)) / len(items),
+            "sample_accuracy": sum(a == g for v, g in zip(votes, gold) for a in v.answers) / (len(items) * args.sc_n),
+        }
+        print(f"self-consistency {name:<24} {out[name]}", flush=True)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -188,7 +216,9 @@ def main() -> None:
     parser.add_argument("--reference", type=int, default=800)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--betas", type=float, nargs="+", default=[0.1, 0.5, 1.0])
-    parser.add_argument("--only", choices=["c3po", "rerouting", "scmoe"], nargs="+")
+    parser.add_argument("--only", choices=["c3po", "rerouting", "scmoe", "self_consistency"], nargs="+")
+    parser.add_argument("--sc-limit", type=int, default=200, help="items in the self-consistency study")
+    parser.add_argument("--sc-n", type=int, default=8, help="samples per prompt in the self-consistency study")
     parser.add_argument("--out", default="study")
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -197,7 +227,9 @@ def main() -> None:
     folder = Path(args.out)
     folder.mkdir(parents=True, exist_ok=True)
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
-    for name, study in [("c3po", c3po_study), ("rerouting", rerouting_study), ("scmoe", scmoe_study)]:
+    studies = [("c3po", c3po_study), ("rerouting", rerouting_study), ("scmoe", scmoe_study),
+               ("self_consistency", self_consistency_study)]  # fmt: skip
+    for name, study in studies:
         if args.only and name not in args.only:
             continue
         start = time.perf_counter()
