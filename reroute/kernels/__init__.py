@@ -13,7 +13,10 @@ import importlib.util
 import os
 from pathlib import Path
 
+# a checkout (or editable install): the top-level folder; an installed wheel: the copy shipped as ``_sources``
 _SOURCE = Path(__file__).resolve().parents[2] / "kernels"
+if not (_SOURCE / "moe.py").is_file():
+    _SOURCE = Path(__file__).resolve().parent / "_sources"
 if _SOURCE.is_dir() and str(_SOURCE) not in __path__:
     __path__.append(str(_SOURCE))
 
