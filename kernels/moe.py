@@ -144,20 +144,6 @@ def _silu(x):
 
 
 @triton.jit
-def _program_block(plan_ptr, S, NB, N_COLS, BN: tl.constexpr, BM: tl.constexpr):
-    """This program's (row block, column tile) of a grouped GEMM: the block's expert (-1 for a padding block),
-    the column tile index, and the block's rows in expert order with their mask."""
-    pid = tl.program_id(0)
-    n_tiles = tl.cdiv(N_COLS, BN)
-    blk = pid // n_tiles
-    e = tl.load(plan_ptr + S + blk)
-    row0 = tl.load(plan_ptr + S + NB + blk)
-    rowend = tl.load(plan_ptr + S + 2 * NB + blk)
-    rows = row0 + tl.arange(0, BM)
-    return e, pid % n_tiles, rows, rows < rowend
-
-
-@triton.jit
 def _gate_up_kernel(
     x_ptr,
     w_ptr,
@@ -181,9 +167,17 @@ def _gate_up_kernel(
     UPCAST: tl.constexpr,
 ):
     """a[row, n] = silu(x[tok] . W_gate[e, n]) * (x[tok] . W_up[e, n]) for the rows of one block."""
-    e, nt, rows, rmask = _program_block(plan_ptr, S, NB, INTER, BN, BM)
-    if e < 0:  # a padding block of the plan
+    pid = tl.program_id(0)
+    n_tiles = tl.cdiv(INTER, BN)
+    blk = pid // n_tiles
+    nt = pid % n_tiles
+    e = tl.load(plan_ptr + S + blk)
+    if e < 0:
         return
+    row0 = tl.load(plan_ptr + S + NB + blk)
+    rowend = tl.load(plan_ptr + S + 2 * NB + blk)
+    rows = row0 + tl.arange(0, BM)
+    rmask = rows < rowend
     pair = tl.load(plan_ptr + rows, mask=rmask, other=0)
     tok = (pair // K_TOP).to(tl.int64)
     offs_n = nt * BN + tl.arange(0, BN)
@@ -233,9 +227,17 @@ def _grouped_scatter_kernel(
     UPCAST: tl.constexpr,
 ):
     """y[pair, n] = scale[pair] * sum_k a[row, k] W[e, k, n]: rows in expert order in, pair order out."""
-    e, nt, rows, rmask = _program_block(plan_ptr, S, NB, N, BN, BM)
-    if e < 0:  # a padding block of the plan
+    pid = tl.program_id(0)
+    n_tiles = tl.cdiv(N, BN)
+    blk = pid // n_tiles
+    nt = pid % n_tiles
+    e = tl.load(plan_ptr + S + blk)
+    if e < 0:
         return
+    row0 = tl.load(plan_ptr + S + NB + blk)
+    rowend = tl.load(plan_ptr + S + 2 * NB + blk)
+    rows = row0 + tl.arange(0, BM)
+    rmask = rows < rowend
     rows64 = rows.to(tl.int64)
     offs_n = nt * BN + tl.arange(0, BN)
     nmask = offs_n < N
@@ -317,9 +319,17 @@ def _bwd_down_kernel(
     UPCAST: tl.constexpr,
 ):
     """G = dout[route, tok] W_down[e] (over H); d scale = <G, a>; d(gate, up) from G * scale."""
-    e, nt, rows, rmask = _program_block(plan_ptr, S, NB, INTER, BN, BM)
-    if e < 0:  # a padding block of the plan
+    pid = tl.program_id(0)
+    n_tiles = tl.cdiv(INTER, BN)
+    blk = pid // n_tiles
+    nt = pid % n_tiles
+    e = tl.load(plan_ptr + S + blk)
+    if e < 0:
         return
+    row0 = tl.load(plan_ptr + S + NB + blk)
+    rowend = tl.load(plan_ptr + S + 2 * NB + blk)
+    rows = row0 + tl.arange(0, BM)
+    rmask = rows < rowend
     rows64 = rows.to(tl.int64)
     pair = tl.load(plan_ptr + rows, mask=rmask, other=0).to(tl.int64)
     tok = pair // K_TOP
