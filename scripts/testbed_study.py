@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import time
 from pathlib import Path
@@ -27,7 +28,7 @@ import reroute
 from reroute.c3po import C3PO, ReferenceIndex
 from reroute.c3po.embed import make_embedder
 from reroute.eval import make_method, run_eval
-from reroute.scoring import choice_batch, padded_logits
+from reroute.scoring import choice_batch, continuation_logprobs
 from reroute.testbed import load_testbed
 from reroute.testbed.suite import make_split
 
@@ -129,14 +130,9 @@ def _choice_logprobs(rm, tok, items, weak=None) -> torch.Tensor:
     """Summed log-probabilities of every choice ``[N, C]`` under the strong routing or a weak one."""
     batch, n_choices = choice_batch(tok, items)
     batch = batch.to(rm.model.device)
-    with torch.no_grad():
-        if weak is None:
-            logits = padded_logits(rm.model, batch.input_ids, batch.attention_mask)[:, :-1]
-        else:
-            with weak.applied(rm, batch.input_ids.shape[0], draws=None):
-                logits = padded_logits(rm.model, batch.input_ids, batch.attention_mask)[:, :-1]
-    lp = torch.log_softmax(logits.float(), -1).gather(-1, batch.input_ids[:, 1:, None])[..., 0]
-    return lp.masked_fill(~batch.target_mask[:, 1:], 0.0).sum(-1).view(len(items), n_choices).cpu()
+    with torch.no_grad(), weak.applied(rm, batch.input_ids.shape[0]) if weak else contextlib.nullcontext():
+        scores = continuation_logprobs(rm.model, batch)
+    return scores.view(len(items), n_choices).cpu()
 
 
 def scmoe_study(rm, tok, args) -> dict:

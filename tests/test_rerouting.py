@@ -161,14 +161,8 @@ def test_rebuilt_cache_equals_a_fresh_prefill_under_the_adapted_router(rm):
     ids, mask = _prompt()
     interval = 3
     rerouter = Rerouter(rm, steps=2, lr=0.3, interval=interval, layers="all")
-    out = rerouter.generate(
-        input_ids=ids,
-        attention_mask=mask,
-        max_new_tokens=interval + 1,
-        do_sample=False,
-        return_dict_in_generate=True,
-        output_logits=True,
-    )
+    call = dict(input_ids=ids, attention_mask=mask, max_new_tokens=interval + 1, do_sample=False)
+    out = rerouter.generate(**call, return_dict_in_generate=True, output_logits=True)
     assert len(rerouter.phases) == 2  # prefill + after `interval` tokens
     delta = rerouter.phases[-1].delta  # the final δ
     context = out.sequences[:, : ids.shape[1] + interval]
@@ -190,12 +184,7 @@ def test_rebuilt_cache_equals_a_fresh_prefill_under_the_adapted_router(rm):
         torch.testing.assert_close(cache.layers[layer].values, fresh_cache.layers[layer].values, rtol=1e-5, atol=1e-5)
     # the stale cache is a different (approximate) computation
     stale = Rerouter(rm, steps=2, lr=0.3, interval=interval, layers="all", rebuild_cache=False).generate(
-        input_ids=ids,
-        attention_mask=mask,
-        max_new_tokens=interval + 1,
-        do_sample=False,
-        return_dict_in_generate=True,
-        output_logits=True,
+        **call, return_dict_in_generate=True, output_logits=True
     )
     assert not torch.allclose(stale.logits[-1], out.logits[-1])
 

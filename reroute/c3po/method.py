@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -135,9 +135,7 @@ class C3PO:
         **overrides: Any,
     ) -> None:
         self.rm, self.index, self.tokenizer = rm, index, tokenizer
-        self.config = config or C3POConfig(**overrides)
-        if config is not None and overrides:
-            self.config = C3POConfig(**{**{f.name: getattr(config, f.name) for f in fields(config)}, **overrides})
+        self.config = replace(config, **overrides) if config is not None else C3POConfig(**overrides)
         self.layers = critical_layers(rm, self.config.critical_layers)
         self.n_core = core_size(rm.num_experts, self.config.core_experts)
         self.layer_pos = [rm.moe_layers.index(layer) for layer in self.layers]

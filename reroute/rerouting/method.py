@@ -12,7 +12,7 @@ whole context under the new routing (``rebuild_cache=False`` keeps the stale cac
 
 from __future__ import annotations
 
-from dataclasses import fields
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -101,10 +101,8 @@ class Rerouter(DecodingMethod):
     """
 
     def __init__(self, rm: RoutedModel, config: RerouterConfig | None = None, **overrides: Any) -> None:
-        if config is not None and overrides:
-            config = RerouterConfig(**{**{f.name: getattr(config, f.name) for f in fields(config)}, **overrides})
         self.rm = rm
-        self.config = config if config is not None else RerouterConfig(**overrides)
+        self.config = replace(config, **overrides) if config is not None else RerouterConfig(**overrides)
         select_layers(rm, self.config, {i: 0.0 for i in rm.moe_layers})  # fail early on a bad layer list
         self.phases: list[PhaseResult] = []
 

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import fields
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -131,10 +131,8 @@ class SCMoE(DecodingMethod):
     """
 
     def __init__(self, rm: RoutedModel, config: SCMoEConfig | None = None, **overrides: Any) -> None:
-        if config is not None and overrides:
-            config = SCMoEConfig(**{**{f.name: getattr(config, f.name) for f in fields(config)}, **overrides})
         self.rm = rm
-        self.config = config if config is not None else SCMoEConfig(**overrides)
+        self.config = replace(config, **overrides) if config is not None else SCMoEConfig(**overrides)
         self.weak = WeakRouting.resolve(rm, self.config.weak, self.config.layers)
 
     def scorer(self, stream: ModelStream) -> _OneBatch | _TwoPass:
