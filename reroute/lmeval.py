@@ -54,8 +54,6 @@ from reroute.rerouting import Rerouter, RerouterConfig
 from reroute.rerouting.adapt import adapt_phase, routing_confidence, select_layers
 from reroute.rerouting.method import _ReroutingScorer
 from reroute.scmoe import SCMoE, SCMoEConfig
-from reroute.scmoe.decoding import self_contrast
-from reroute.scmoe.weak import RandomExperts
 from reroute.scoring import ContinuationBatch, build_batch, padded_logits
 
 logger = logging.getLogger(__name__)
@@ -461,28 +459,14 @@ class RoutedLM(HFLM):
                     for idx in stacked.layers:
                         self.rm.layer(idx).row_offsets = None
             else:
-                logits = self._contrast_logits(batch)
+                assert self._scmoe is not None
+                logits = self._scmoe.contrasted_logits(batch.input_ids, batch.attention_mask)
         logprobs = torch.log_softmax(logits.float(), dim=-1)
         targets = batch.input_ids[:, 1:]
         mask = batch.target_mask[:, 1:]
         token_lp = logprobs.gather(-1, targets[..., None])[..., 0].masked_fill(~mask, 0.0)
         greedy = ((logprobs.argmax(-1) == targets) | ~mask).all(-1)
         return [(float(s), bool(g)) for s, g in zip(token_lp.sum(-1).cpu(), greedy.cpu())]
-
-    def _contrast_logits(self, batch: ContinuationBatch) -> torch.Tensor:
-        """SCMoE's contrasted next-token logits ``[B, T - 1, V]`` (``-inf`` outside the plausible set)."""
-        scmoe = self._scmoe
-        assert scmoe is not None
-        rows = batch.input_ids.shape[0]
-        strong = padded_logits(self.model, batch.input_ids, batch.attention_mask)[:, :-1]
-        draws = RandomExperts(self.rm, scmoe.weak.layers, scmoe.config.seed) if scmoe.weak.random else None
-        with scmoe.weak.applied(self.rm, rows, draws=draws):
-            weak = padded_logits(self.model, batch.input_ids, batch.attention_mask)[:, :-1]
-        vocab = strong.shape[-1]
-        contrast = self_contrast(
-            strong.reshape(-1, vocab), weak.reshape(-1, vocab), scmoe.config.beta, scmoe.config.alpha
-        )
-        return contrast.view(rows, -1, vocab)
 
     # ------------------------------------------------------------------------------------------ generation
     def _model_generate(self, context: torch.Tensor, max_length: int, stop: list[str], **generation_kwargs: Any):

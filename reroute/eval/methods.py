@@ -19,7 +19,6 @@ from reroute.scoring import (
     decode_continuations,
     generate_with,
     gold_batch,
-    padded_logits,
     prompt_batch,
     score_with,
 )
@@ -191,20 +190,11 @@ class SCMoEMethod:
 
     def score_choices(self, rm: RoutedModel, tokenizer: Any, items: Sequence[Item]) -> list[int]:
         from reroute.scmoe import SCMoE
-        from reroute.scmoe.decoding import self_contrast
 
-        scmoe = SCMoE(rm, **self.options)
         batch, n_choices = choice_batch(tokenizer, items)
         batch = batch.to(rm.model.device)
-        with torch.no_grad():
-            strong = padded_logits(rm.model, batch.input_ids, batch.attention_mask)[:, :-1]
-            with scmoe.weak.applied(rm, batch.input_ids.shape[0], draws=_draws(scmoe)):
-                weak = padded_logits(rm.model, batch.input_ids, batch.attention_mask)[:, :-1]
-        rows, length, vocab = strong.shape
-        contrast = self_contrast(
-            strong.reshape(-1, vocab), weak.reshape(-1, vocab), scmoe.config.beta, scmoe.config.alpha
-        )
-        logprobs = torch.log_softmax(contrast, -1).view(rows, length, vocab)
+        contrast = SCMoE(rm, **self.options).contrasted_logits(batch.input_ids, batch.attention_mask)
+        logprobs = torch.log_softmax(contrast, -1)
         token_lp = logprobs.gather(-1, batch.input_ids[:, 1:, None])[..., 0]
         # tokens outside the plausible set make a choice impossible (-inf), as decoding would
         scores = token_lp.masked_fill(~batch.target_mask[:, 1:], 0.0).sum(-1)
@@ -222,12 +212,6 @@ class SCMoEMethod:
             pad_token_id=tokenizer.pad_token_id,
         )
         return decode_continuations(tokenizer, out, batch.prompt_len)
-
-
-def _draws(scmoe: Any) -> Any:
-    from reroute.scmoe.weak import RandomExperts
-
-    return RandomExperts(scmoe.rm, scmoe.weak.layers, scmoe.config.seed) if scmoe.weak.random else None
 
 
 METHODS: dict[str, Callable[..., Any]] = {

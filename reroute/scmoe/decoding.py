@@ -41,6 +41,7 @@ from reroute.generation import DecodingMethod, ModelStream
 from reroute.routing.policy import RoutingPolicy
 from reroute.scmoe.config import SCMoEConfig
 from reroute.scmoe.weak import RandomExperts, WeakRouting
+from reroute.scoring import padded_logits
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -68,7 +69,7 @@ class _Contrast:
 
     def __init__(self, method: SCMoE) -> None:
         self.rm, self.weak, self.config = method.rm, method.weak, method.config
-        self.draws = RandomExperts(self.rm, self.weak.layers, self.config.seed) if self.weak.random else None
+        self.draws = method.new_draws()
 
     def contrast(self, strong: torch.Tensor, weak: torch.Tensor) -> torch.Tensor:
         return self_contrast(strong, weak, self.config.beta, self.config.alpha)
@@ -137,6 +138,25 @@ class SCMoE(DecodingMethod):
 
     def scorer(self, stream: ModelStream) -> _OneBatch | _TwoPass:
         return _OneBatch(self, stream) if self.config.design == "one-batch" else _TwoPass(self, stream)
+
+    def new_draws(self) -> RandomExperts | None:
+        """random-1's experts for one call (a generator seeded from ``config.seed``); ``None`` for other weak
+        routings."""
+        return RandomExperts(self.rm, self.weak.layers, self.config.seed) if self.weak.random else None
+
+    def contrasted_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Teacher-forced contrast of a padded batch ``[B, T]``: the next-token logits ``[B, T - 1, V]`` after each
+        position, from a strong and a weak forward of the whole rows (``-inf`` outside the plausible set). What
+        scoring a given continuation (multiple choice, log-likelihood) needs; no gradient."""
+        rows = input_ids.shape[0]
+        with torch.no_grad():
+            strong = padded_logits(self.rm.model, input_ids, attention_mask)[:, :-1]
+            with self.weak.applied(self.rm, rows, draws=self.new_draws()):
+                weak = padded_logits(self.rm.model, input_ids, attention_mask)[:, :-1]
+        vocab = strong.shape[-1]
+        beta, alpha = self.config.beta, self.config.alpha
+        contrast = self_contrast(strong.reshape(-1, vocab), weak.reshape(-1, vocab), beta, alpha)
+        return contrast.view(rows, -1, vocab)
 
     def __repr__(self) -> str:
         c = self.config
