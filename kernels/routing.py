@@ -38,7 +38,7 @@ from torch import nn
 
 from reroute.arch.rules import DeepseekV2Softmax, RoutingRule, SigmoidGroupLimited, SoftmaxTopK, TopKSoftmax
 from reroute.kernels import interpreted
-from reroute.routing.policy import ExpertMask, RoutingPolicy
+from reroute.routing.policy import MASK_BANNED, MASK_FORCED, ExpertMask, RoutingPolicy
 
 MAX_EXPERTS = 256
 """Largest expert count one program holds in registers."""
@@ -47,7 +47,6 @@ _SOFTMAX, _SIGMOID = 0, 1
 _GROUP_NONE, _GROUP_MAX, _GROUP_TOP2 = 0, 1, 2
 _EXACT_SCORES, _EXACT_LOGITS_SOFTMAX = 0, 1
 _POLICY_NONE, _POLICY_TOP_K, _POLICY_TOP_P, _POLICY_RANK = 0, 1, 2, 3
-_MASK_BANNED, _MASK_FORCED = 1, 2
 
 
 @dataclass(frozen=True)
@@ -403,6 +402,8 @@ def _routing_rows(
         if renorm_family != 0:
             exact_w = exact_w / (tl.sum(exact_w, axis=0) + route_eps)
         exact_w = exact_w * scaling
+    # generic selection: a slot filled from a -inf choice (fewer selectable experts than slots) is no expert
+    keep = tl.where((sel_choice == neg_inf) & (is_exact == 0), 0, keep)
     generic_w = tl.where(keep != 0, sel_src, 0.0)
     renorm = (renorm_family + (renorm_policy - renorm_family) * use_policy) != 0
     generic_w = tl.where(renorm, generic_w / (tl.sum(generic_w, axis=0) + 1e-20), generic_w)
@@ -437,8 +438,8 @@ def _mask_codes(mask: ExpertMask, num_experts: int, device: torch.device) -> tor
     codes = _MASK_CODES.get(key)
     if codes is None:
         codes = torch.zeros(num_experts, dtype=torch.int8)
-        codes[list(mask.banned)] = _MASK_BANNED
-        codes[list(mask.forced)] = _MASK_FORCED
+        codes[list(mask.banned)] = MASK_BANNED
+        codes[list(mask.forced)] = MASK_FORCED
         codes = _MASK_CODES[key] = codes.to(device)
     return codes
 

@@ -202,7 +202,10 @@ class RoutedModel:
         if any(layer.mixing is not None for layer in self.layers.values()):
             cache = kwargs.get("cache", kwargs.get("past_key_values"))
             if cache is not None and hasattr(cache, "get_seq_length"):
-                ctx.past_length = int(cache.get_seq_length())
+                past = cache.get_seq_length()
+                # a static cache counts on the device: keep a copy, without a host sync (the cache advances its
+                # count in place while this forward runs)
+                ctx.past_length = past.clone() if isinstance(past, torch.Tensor) else int(past)
 
     def _after_forward(self, module: nn.Module, args: tuple, kwargs_or_output: object, *rest: object) -> None:
         self.context.clear()
@@ -432,6 +435,8 @@ class RoutedModel:
         for layer in self.layers.values():
             with torch.no_grad():
                 layer.offsets.data = layer.offsets.data.to(layer.device)
+            layer.mark_static()
+            layer.graph.to(layer.device)
             if layer.row_offsets is not None:
                 layer.row_offsets = layer.row_offsets.to(layer.device)
             if layer.policy_rows is not None:

@@ -87,6 +87,7 @@ class ModelStream:
         self.generation_config = generation_config
         self.model_kwargs = dict(model_kwargs)
         self.started = False
+        self._step_forward: Any = None
 
     @property
     def cache(self) -> Any:
@@ -111,10 +112,10 @@ class ModelStream:
         """This stream with every row repeated ``factor`` times in place (row ``b`` becomes rows
         ``b * factor ... b * factor + factor - 1``: the ``repeat_interleave`` layout ``generate()`` uses for
         ``num_return_sequences``), with its own empty cache. Before the prefill only; the cache must size itself
-        on first use (a ``DynamicCache``), since a static cache was allocated for the original rows."""
+        on first use (a ``DynamicCache``, or a static cache that has not allocated its tensors yet)."""
         self._require_fresh("expand")
         cache = self.cache
-        if cache is not None and not isinstance(cache, DynamicCache):
+        if cache is not None and not isinstance(cache, DynamicCache) and not _sizes_itself(cache):
             raise ValueError(
                 f"cannot run {factor}x the rows in a {type(cache).__name__} allocated for the original batch; "
                 "use the default dynamic cache"
@@ -139,7 +140,36 @@ class ModelStream:
         inputs = self.model.prepare_inputs_for_generation(
             input_ids, next_sequence_length=next_sequence_length, **self.model_kwargs
         )
-        return self._consume(self.model(**inputs, return_dict=True))
+        return self._consume(self.step_forward(**inputs, return_dict=True))
+
+    @property
+    def step_forward(self) -> Any:
+        """The forward of decode steps: as in ``generate()``, the compiled one (``model.get_compiled_call``, a CUDA
+        graph replay under the default ``reduce-overhead`` mode) when the cache is compilable (a static cache) and
+        the generation config allows it (``compile_config``, ``disable_compile``); the prefill stays eager."""
+        if self._step_forward is None:
+            compiled = self.model._valid_auto_compile_criteria(self.model_kwargs, self.generation_config)
+            self._step_forward = (
+                self.model.get_compiled_call(self.generation_config.compile_config) if compiled else self.model.__call__
+            )
+        return self._step_forward
+
+    def restart(self) -> ModelStream:
+        """A stream over the same rows and attention mask with an empty KV cache, to prefill the whole context
+        again. A static cache is emptied in place (same tensors: a captured CUDA graph stays valid); any other
+        cache is replaced by a new dynamic one."""
+        kwargs = dict(self.model_kwargs)
+        for key in ALL_CACHE_NAMES:
+            cache = kwargs.get(key)
+            if cache is None:
+                continue
+            if getattr(cache, "is_compileable", False) and hasattr(cache, "reset"):
+                cache.reset()
+            else:
+                kwargs[key] = DynamicCache(config=self.model.config)
+        restarted = ModelStream(self.model, self.generation_config, kwargs)
+        restarted._step_forward = self._step_forward
+        return restarted
 
     def _consume(self, outputs: Any) -> torch.Tensor:
         self.model_kwargs = self.model._update_model_kwargs_for_generation(
@@ -147,6 +177,13 @@ class ModelStream:
         )
         # a copy, so that the (possibly [B, S, V]) prefill logits are not kept alive
         return outputs.logits[:, -1].to(copy=True, dtype=torch.float32)
+
+
+def _sizes_itself(cache: Any) -> bool:
+    """Whether ``cache`` allocates its tensors on first use (transformers' static cache does: its batch size comes
+    from the first update), so that it can serve a batch of any size before then."""
+    layers = getattr(cache, "layers", None)
+    return bool(layers) and all(getattr(layer, "is_initialized", True) is False for layer in layers)
 
 
 def check_supported(model: PreTrainedModel, generation_config: GenerationConfig) -> None:

@@ -86,16 +86,100 @@ def _moe():
     return moe
 
 
+@functools.cache
+def _ops() -> object:
+    """Register the dispatch as the custom ops ``reroute::moe_experts`` (+ its backward) on first use.
+
+    Inside a compiled graph the dispatch must be one opaque op with a fake (shape-only) implementation: Inductor
+    then neither traces into the Triton launcher's Python nor re-compiles its kernels, and a CUDA graph captures
+    the launches (the dispatch never synchronises with the host). Outside compilation the launcher is called
+    directly (a custom op's dispatch costs host time that eager decoding cannot spare).
+    """
+    moe = _moe()
+
+    @torch.library.custom_op("reroute::moe_experts", mutates_args=())
+    def moe_experts(
+        hidden: torch.Tensor,
+        indices: torch.Tensor,
+        weights: torch.Tensor,
+        gate_up: torch.Tensor,
+        down: torch.Tensor,
+        transposed: bool,
+    ) -> torch.Tensor:
+        with torch.no_grad():
+            return moe.moe_experts(hidden, indices, weights, gate_up, down, transposed=transposed)
+
+    @moe_experts.register_fake
+    def _(hidden, indices, weights, gate_up, down, transposed):  # noqa: ANN001, ANN202
+        return torch.empty_like(hidden)
+
+    @torch.library.custom_op("reroute::moe_experts_backward", mutates_args=())
+    def moe_experts_backward(
+        dout: torch.Tensor,
+        hidden: torch.Tensor,
+        indices: torch.Tensor,
+        weights: torch.Tensor,
+        gate_up: torch.Tensor,
+        down: torch.Tensor,
+        transposed: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.enable_grad():
+            x = hidden.detach().requires_grad_(True)
+            w = weights.detach().requires_grad_(True)
+            out = moe.moe_experts(x, indices, w, gate_up.detach(), down.detach(), transposed=transposed)
+            dx, dw = torch.autograd.grad(out, (x, w), dout)
+        return dx, dw
+
+    @moe_experts_backward.register_fake
+    def _(dout, hidden, indices, weights, gate_up, down, transposed):  # noqa: ANN001, ANN202
+        return torch.empty_like(hidden), torch.empty_like(weights)
+
+    def setup_context(ctx, inputs, output) -> None:  # noqa: ANN001
+        hidden, indices, weights, gate_up, down, transposed = inputs
+        ctx.save_for_backward(hidden, indices, weights, gate_up, down)
+        ctx.transposed = transposed
+
+    def backward(ctx, dout):  # noqa: ANN001, ANN202
+        hidden, indices, weights, gate_up, down = ctx.saved_tensors
+        if ctx.needs_input_grad[3] or ctx.needs_input_grad[4]:
+            raise NotImplementedError(
+                "expert-weight gradients through reroute's kernels inside torch.compile are not implemented; "
+                "freeze the expert weights, run eagerly, or attach(model, kernels=False)"
+            )
+        dx, dw = torch.ops.reroute.moe_experts_backward(dout, hidden, indices, weights, gate_up, down, ctx.transposed)
+        return dx, None, dw, None, None, None
+
+    moe_experts.register_autograd(backward, setup_context=setup_context)
+    return torch.ops.reroute.moe_experts
+
+
+def prepare(module: nn.Module) -> str | None:
+    """Why the kernels cannot run ``module`` (``None``: they can), cached on the module for the forward.
+
+    The check depends on the module and its weights' dtype only. :func:`enable` fills the cache before any
+    forward, so that a compiled forward only reads it.
+    """
+    cached = module.__dict__.get("_reroute_kernel_support")
+    if cached is None or cached[0] is not module.gate_up_proj.dtype:
+        cached = (module.gate_up_proj.dtype, unsupported_reason(module))
+        module.__dict__["_reroute_kernel_support"] = cached
+    return cached[1]
+
+
 def triton_experts_forward(
     self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
 ) -> torch.Tensor:
     """``ExpertsInterface`` entry: ``hidden [T, H]``, ``top_k_index [T, k]``, ``top_k_weights [T, k]`` -> ``[T, H]``."""
-    # the support check depends on the module and its weights' dtype only: cached per module
-    cached = self.__dict__.get("_reroute_kernel_support")
-    if cached is None or cached[0] is not self.gate_up_proj.dtype:
-        cached = (self.gate_up_proj.dtype, unsupported_reason(self))
-        self.__dict__["_reroute_kernel_support"] = cached
-    reason = cached[1]
+    transposed = bool(getattr(self, "is_transposed", False))
+    if torch.compiler.is_compiling():
+        cached = self.__dict__.get("_reroute_kernel_support")
+        if cached is not None and cached[1] is None and cached[0] is self.gate_up_proj.dtype:
+            # registered by enable(), before any compilation
+            return torch.ops.reroute.moe_experts(
+                hidden_states, top_k_index, top_k_weights, self.gate_up_proj, self.down_proj, transposed
+            )
+        return _eager_forward(self)(self, hidden_states, top_k_index, top_k_weights)
+    reason = prepare(self)
     if reason is None and not available(hidden_states.device):
         reason = f"the Triton kernels cannot run on {hidden_states.device}"
     if reason is not None:
@@ -104,12 +188,7 @@ def triton_experts_forward(
             warnings.warn(f"reroute kernels: {reason}; using the eager experts forward", stacklevel=2)
         return _eager_forward(self)(self, hidden_states, top_k_index, top_k_weights)
     return _moe().moe_experts(
-        hidden_states,
-        top_k_index,
-        top_k_weights,
-        self.gate_up_proj,
-        self.down_proj,
-        transposed=bool(getattr(self, "is_transposed", False)),
+        hidden_states, top_k_index, top_k_weights, self.gate_up_proj, self.down_proj, transposed=transposed
     )
 
 
@@ -127,8 +206,10 @@ def enable(model: nn.Module) -> list[tuple[object, str | None]]:
     so nested configs (a VLM's text model) and any earlier choice are restored exactly.
     """
     register()
+    _ops()
     saved: dict[int, tuple[object, str | None]] = {}
     for module in experts_modules(model):
+        prepare(module)
         config = module.config
         if id(config) not in saved:
             saved[id(config)] = (config, config._experts_implementation)

@@ -16,10 +16,9 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import torch
-from transformers import DynamicCache, GenerationConfig
+from transformers import GenerationConfig
 from transformers.generation.logits_process import LogitsProcessorList
 from transformers.generation.stopping_criteria import StoppingCriteriaList
-from transformers.generation.utils import ALL_CACHE_NAMES
 
 from reroute.attach import RoutedModel, attach
 from reroute.generation import DecodingMethod, ModelStream
@@ -72,22 +71,8 @@ class _ReroutingScorer:
         self._phase(input_ids)
         if not self.config.rebuild_cache:
             return self.stream.step(input_ids)
-        self.stream = _restart(self.stream)
+        self.stream = self.stream.restart()
         return self.stream.prefill(input_ids)
-
-
-def _restart(stream: ModelStream) -> ModelStream:
-    """A stream over the same rows and attention mask with a new, empty KV cache (to prefill the full context)."""
-    kwargs = dict(stream.model_kwargs)
-    for key in ALL_CACHE_NAMES:
-        if kwargs.get(key) is not None:
-            if not isinstance(kwargs[key], DynamicCache):
-                raise ValueError(
-                    f"rebuilding a {type(kwargs[key]).__name__} after a rerouting phase is not supported; use the "
-                    "default dynamic cache or rebuild_cache=False"
-                )
-            kwargs[key] = DynamicCache(config=stream.model.config)
-    return ModelStream(stream.model, stream.generation_config, kwargs)
 
 
 class Rerouter(DecodingMethod):

@@ -23,6 +23,8 @@ import torch
 from torch import nn
 
 from reroute.arch import FamilyAdapter
+from reroute.routing import graph
+from reroute.routing.graph import GraphState
 from reroute.routing.policy import ExpertMask, RoutingPolicy, select
 
 if TYPE_CHECKING:
@@ -39,7 +41,7 @@ class RoutingContext:
     def __init__(self) -> None:
         self.batch_size: int | None = None
         self.seq_len: int | None = None
-        self.past_length: int = 0
+        self.past_length: int | torch.Tensor = 0  # a 0-d device tensor under a static cache
         self.traces: list[Trace] = []
 
     def clear(self) -> None:
@@ -125,13 +127,41 @@ class LayerRouting:
         self.output_order = output_order
         self.num_experts = int(router.num_experts)
         self.top_k = int(router.top_k)
-        self.offsets = nn.Parameter(torch.zeros(self.num_experts, device=execution_device(router), dtype=torch.float32))
+        device = execution_device(router)
+        self.offsets = nn.Parameter(torch.zeros(self.num_experts, device=device, dtype=torch.float32))
+        self.graph = GraphState(self.num_experts, self.top_k, device)
+        self.mark_static()
         self.row_offsets: torch.Tensor | None = None
-        self.policy: RoutingPolicy | None = None
+        self._policy: RoutingPolicy | None = None
         self.policy_rows: torch.Tensor | None = None
-        self.mask: ExpertMask | None = None
+        self._mask: ExpertMask | None = None
         self.mixing: Mixing | None = None
         self.kernels = False
+
+    # policy and mask are read by the eager path as Python objects and by the compiled path from ``graph``'s
+    # tensors: assigning either keeps both in step, whoever assigns (setters, context managers, methods)
+    @property
+    def policy(self) -> RoutingPolicy | None:
+        return self._policy
+
+    @policy.setter
+    def policy(self, policy: RoutingPolicy | None) -> None:
+        self.graph.write_policy(policy, self.top_k)
+        self._policy = policy
+
+    @property
+    def mask(self) -> ExpertMask | None:
+        return self._mask
+
+    @mask.setter
+    def mask(self, mask: ExpertMask | None) -> None:
+        self.graph.write_mask(mask)
+        self._mask = mask
+
+    def mark_static(self) -> None:
+        """Give the offsets a fixed address for CUDA graphs (replays then read them in place, no copy per step)."""
+        if self.offsets.is_cuda:
+            torch._dynamo.mark_static_address(self.offsets)
 
     @property
     def device(self) -> torch.device:
@@ -153,6 +183,10 @@ class LayerRouting:
         self.mask = None
         self.mixing = None
 
+    def expand_state_rows(self, state: torch.Tensor, rows: int, what: str) -> torch.Tensor:
+        """Per-row state ``[R, ...]`` matched to a forward of ``rows`` rows (see :func:`expand_rows`)."""
+        return expand_rows(state, rows, what)
+
     def batch_shape(self, num_tokens: int) -> tuple[int, int]:
         """``(batch, seq)`` of the current call; only known inside a model forward."""
         batch, seq = self.context.batch_size, self.context.seq_len
@@ -166,7 +200,13 @@ class LayerRouting:
     def __call__(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         router, rule = self.router, self.rule
         logits = rule.logits(router, hidden_states)
-        routed = self._kernel_route(logits, hidden_states.dtype) if self.kernels else None
+        if torch.compiler.is_compiling():
+            # inside a compiled graph: state from tensors only, so that changing it neither recompiles nor
+            # goes stale in a replayed CUDA graph (see reroute.routing.graph)
+            logits, weights, indices = graph.route(self, logits, hidden_states.dtype)
+            routed = (logits, weights, indices)
+        else:
+            routed = self._kernel_route(logits, hidden_states.dtype) if self.kernels else None
         if routed is not None:
             logits, weights, indices = routed
         else:

@@ -22,6 +22,9 @@ import torch
 
 from reroute.arch.rules import RoutingRule
 
+MASK_BANNED, MASK_FORCED = 1, 2
+"""Codes of banned and forced experts in the int8 ``[E]`` mask tensors the kernel and the compiled path read."""
+
 
 @dataclass(frozen=True)
 class RoutingPolicy:
@@ -147,7 +150,11 @@ def select(
         indices = torch.where(keep, indices, indices[:, :1])
     else:
         indices = torch.topk(choice, policy.top_k or router.top_k, dim=-1).indices
-        weights = rule.finalize(router, scores, indices, renormalize=policy.renormalize)
+        # fewer selectable experts than slots: a slot filled from a -inf choice is no expert; the weights are
+        # renormalised over the experts actually kept, and the slot carries a zero-weight copy of the first one
+        kept = choice.gather(1, indices) != float("-inf")
+        weights = rule.finalize(router, scores, indices, renormalize=policy.renormalize, keep=kept)
+        indices = torch.where(kept, indices, indices[:, :1])
     # A slot filled from -inf choices (too few selectable experts) must not contribute.
     blocked = choice.gather(1, indices) == float("-inf")
     return weights.masked_fill(blocked, 0.0), indices
