@@ -117,6 +117,9 @@ def main() -> None:
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
     device = args.device
+    # every variant below is one more compiled graph of the same forward: keep them all
+    torch._dynamo.config.cache_size_limit = 64
+    torch._dynamo.config.accumulated_cache_size_limit = 512
     cuda = device == "cuda"
     gpu = torch.cuda.get_device_name() if cuda else platform.processor() or "cpu"
 
@@ -175,7 +178,7 @@ def main() -> None:
         static = dict(cache_implementation="static", compile_config=compile_config)
 
         def plain(experts: str | None = None, **extra: Any) -> Callable[[], object]:
-            def run() -> object:
+            def run(fixed: dict[str, Any] = fixed) -> object:
                 detached()
                 if experts == "grouped_mm":  # keep grouped_mm in decode too (generate() switches it to batched_mm)
                     model.set_experts_implementation("grouped_mm")
@@ -192,7 +195,7 @@ def main() -> None:
             return run
 
         def with_state(setup: Callable[[reroute.RoutedModel], object], **extra: Any) -> Callable[[], object]:
-            def run() -> object:
+            def run(fixed: dict[str, Any] = fixed) -> object:
                 rm = attached()
                 rm.reset()
                 setup(rm)
@@ -204,7 +207,7 @@ def main() -> None:
             return run
 
         def method(make: Callable[[reroute.RoutedModel], Any], **extra: Any) -> Callable[[], object]:
-            def run() -> object:
+            def run(fixed: dict[str, Any] = fixed) -> object:
                 rm = attached()
                 rm.reset()
                 return make(rm).generate(**fixed, **extra)
@@ -221,7 +224,7 @@ def main() -> None:
             "hf_static_compiled": plain(None, **static),
             "reroute_eager_zero": with_state(lambda rm: None),
             "reroute_compiled_zero": with_state(lambda rm: None, **static),
-            "reroute_compiled_offsets": with_state(lambda rm: rm.set_offsets(offsets), **static),
+            "reroute_compiled_offsets": with_state(lambda rm, o=offsets: rm.set_offsets(o), **static),
             "reroute_compiled_top4": with_state(lambda rm: rm.set_policy(reroute.RoutingPolicy(top_k=4)), **static),
             "reroute_compiled_mask": with_state(lambda rm: rm.set_mask(reroute.ExpertMask(banned=(0, 1))), **static),
             "rerouter_compiled": method(lambda rm: reroute.Rerouter(rm, interval=128, steps=5, lr=0.05), **static),
@@ -309,8 +312,8 @@ def main() -> None:
         }
         write()
 
-    print(f"\n{gpu}, {args.shape} ({results['layers']} layers), {args.dtype}, prompt {args.prompt_tokens}, "
-          f"{args.new_tokens} new tokens, torch {torch.__version__}, transformers {transformers.__version__}")  # fmt: skip
+    print(f"\n{gpu}, {args.shape} ({results['layers']} layers), {args.dtype}, prompt {args.prompt_tokens}, ")
+    print(f"{args.new_tokens} new tokens, torch {torch.__version__}, transformers {transformers.__version__}")
     print(f"{'batch':>5} {'variant':<26} {'tok/s':>9} {'x HF compiled':>13} {'% HBM limit':>11}")
     for row in results["rows"]:
         if "error" in row:
