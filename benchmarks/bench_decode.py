@@ -79,6 +79,17 @@ def build(shape: str, layers: int | None, device: str, dtype: torch.dtype) -> tr
     return model.eval()
 
 
+def set_experts(model: transformers.PreTrainedModel, implementation: str) -> None:
+    """Choose transformers' experts implementation (the public setter exists from 5.24 on)."""
+    if hasattr(model, "set_experts_implementation"):
+        model.set_experts_implementation(implementation)
+        return
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if config is not None and hasattr(config, "_experts_implementation_internal"):
+            config._experts_implementation_internal = implementation
+
+
 def hbm_bytes_per_step(model: transformers.PreTrainedModel, batch: int, context: int) -> float:
     """Bytes one decode step must read: non-expert weights (the input embedding's one row aside), the expected
     distinct experts of each MoE layer at ``batch`` tokens under uniform routing, and the KV cache."""
@@ -163,7 +174,7 @@ def main() -> None:
         if "rm" in rm_holder:
             rm_holder.pop("rm").detach()
 
-    for batch in args.batches:
+    def run_batch(batch: int) -> None:
         torch.manual_seed(batch)
         ids = torch.randint(3, vocab, (batch, args.prompt_tokens), device=device)
         mask = torch.ones_like(ids)
@@ -178,24 +189,24 @@ def main() -> None:
         static = dict(cache_implementation="static", compile_config=compile_config)
 
         def plain(experts: str | None = None, **extra: Any) -> Callable[[], object]:
-            def run(fixed: dict[str, Any] = fixed) -> object:
+            def run() -> object:
                 detached()
                 if experts == "grouped_mm":  # keep grouped_mm in decode too (generate() switches it to batched_mm)
-                    model.set_experts_implementation("grouped_mm")
+                    set_experts(model, "grouped_mm")
                     model._optimize_model_for_decode = contextlib.nullcontext
                 else:
                     model.__dict__.pop("_optimize_model_for_decode", None)
-                    model.set_experts_implementation(experts or "grouped_mm")
+                    set_experts(model, experts or "grouped_mm")
                 try:
                     return model.generate(**fixed, **extra)
                 finally:
                     model.__dict__.pop("_optimize_model_for_decode", None)
-                    model.set_experts_implementation("grouped_mm")
+                    set_experts(model, "grouped_mm")
 
             return run
 
         def with_state(setup: Callable[[reroute.RoutedModel], object], **extra: Any) -> Callable[[], object]:
-            def run(fixed: dict[str, Any] = fixed) -> object:
+            def run() -> object:
                 rm = attached()
                 rm.reset()
                 setup(rm)
@@ -207,7 +218,7 @@ def main() -> None:
             return run
 
         def method(make: Callable[[reroute.RoutedModel], Any], **extra: Any) -> Callable[[], object]:
-            def run(fixed: dict[str, Any] = fixed) -> object:
+            def run() -> object:
                 rm = attached()
                 rm.reset()
                 return make(rm).generate(**fixed, **extra)
@@ -224,7 +235,7 @@ def main() -> None:
             "hf_static_compiled": plain(None, **static),
             "reroute_eager_zero": with_state(lambda rm: None),
             "reroute_compiled_zero": with_state(lambda rm: None, **static),
-            "reroute_compiled_offsets": with_state(lambda rm, o=offsets: rm.set_offsets(o), **static),
+            "reroute_compiled_offsets": with_state(lambda rm: rm.set_offsets(offsets), **static),
             "reroute_compiled_top4": with_state(lambda rm: rm.set_policy(reroute.RoutingPolicy(top_k=4)), **static),
             "reroute_compiled_mask": with_state(lambda rm: rm.set_mask(reroute.ExpertMask(banned=(0, 1))), **static),
             "rerouter_compiled": method(lambda rm: reroute.Rerouter(rm, interval=128, steps=5, lr=0.05), **static),
@@ -312,6 +323,8 @@ def main() -> None:
         }
         write()
 
+    for batch in args.batches:
+        run_batch(batch)
     print(f"\n{gpu}, {args.shape} ({results['layers']} layers), {args.dtype}, prompt {args.prompt_tokens}, ")
     print(f"{args.new_tokens} new tokens, torch {torch.__version__}, transformers {transformers.__version__}")
     print(f"{'batch':>5} {'variant':<26} {'tok/s':>9} {'x HF compiled':>13} {'% HBM limit':>11}")
