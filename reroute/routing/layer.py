@@ -195,6 +195,8 @@ class LayerRouting:
         spec = kernel.spec_for(self.rule, self.router)
         if spec is None:
             return None
+        if self.policy is not None and self.policy.rank is not None and self.policy.renormalize is False:
+            return None  # the kernel's rank-k weight is the scaling factor; the raw p_k needs the PyTorch path
         num_tokens = logits.shape[0]
         rows = 1
         if (
