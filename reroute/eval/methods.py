@@ -149,7 +149,9 @@ class ReroutingMethod:
         config = RerouterConfig(**self.options)
         prompts = prompt_batch(tokenizer, [item["prompt"] for item in items]).to(rm.model.device)
         confidence = (
-            routing_confidence(rm, prompts.input_ids, prompts.attention_mask) if config.layers == "confidence" else None
+            routing_confidence(rm, prompts.input_ids, prompts.attention_mask, per_row=True)
+            if config.layers == "confidence"
+            else None
         )
         layers = select_layers(rm, config, confidence)
         delta = torch.zeros(len(items), len(layers), rm.num_experts, device=rm.layer(next(iter(layers))).device)

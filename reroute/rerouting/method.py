@@ -39,7 +39,9 @@ class _ReroutingScorer:
         self.method = method
         self.generated = 0
         self.delta: torch.Tensor | None = None
-        self.layers: dict[int, float] = {}
+        self.layers: dict[int, float] | dict[int, torch.Tensor] = {}
+        # row offsets the user set: δ adds to them during the call, and they are back afterwards
+        self.saved = {idx: self.rm.layer(idx).row_offsets for idx in self.rm.moe_layers}
 
     @property
     def cache(self) -> Any:
@@ -52,11 +54,15 @@ class _ReroutingScorer:
     def _phase(self, input_ids: torch.LongTensor) -> None:
         mask = self._mask(input_ids)
         if self.delta is None:  # the first phase of this prompt: choose layers, δ = 0
-            confidence = routing_confidence(self.rm, input_ids, mask) if self.config.layers == "confidence" else None
-            self.layers = select_layers(self.rm, self.config, confidence)
+            confidence = (
+                routing_confidence(self.rm, input_ids, mask, per_row=True)
+                if self.config.layers == "confidence"
+                else None
+            )
+            self.layers = select_layers(self.rm, self.config, confidence)  # per row: batch-mates do not matter
             device = self.rm.layer(next(iter(self.layers))).device
             self.delta = torch.zeros(input_ids.shape[0], len(self.layers), self.rm.num_experts, device=device)
-        result = adapt_phase(self.rm, self.config, self.layers, self.delta, input_ids, mask)
+        result = adapt_phase(self.rm, self.config, self.layers, self.delta, input_ids, mask, base=self.saved)
         self.method.phases.append(result)
 
     def prefill(self, input_ids: torch.LongTensor) -> torch.Tensor:
@@ -120,8 +126,8 @@ class Rerouter(DecodingMethod):
         return _ReroutingScorer(self, stream)
 
     def finish(self, scorer: _ReroutingScorer) -> None:
-        for idx in scorer.layers:  # δ lives for this call only
-            self.rm.layer(idx).row_offsets = None
+        for idx, row_offsets in scorer.saved.items():  # δ lives for this call only
+            self.rm.layer(idx).row_offsets = row_offsets
 
     def __repr__(self) -> str:
         c = self.config
