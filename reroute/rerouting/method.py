@@ -112,16 +112,6 @@ class Rerouter(DecodingMethod):
         select_layers(rm, self.config, {i: 0.0 for i in rm.moe_layers})  # fail early on a bad layer list
         self.phases: list[PhaseResult] = []
 
-    def generate(
-        self, input_ids: torch.LongTensor | None = None, *args: Any, **kwargs: Any
-    ) -> GenerateDecoderOnlyOutput | torch.LongTensor:
-        """As :meth:`DecodingMethod.generate`; every row (``num_return_sequences`` rows too) adapts to its context."""
-        if input_ids is not None:
-            limit = getattr(self.rm.model.config, "max_position_embeddings", None)
-            if limit is not None and input_ids.shape[1] > limit:
-                raise ValueError(f"the prompt has {input_ids.shape[1]} tokens; the model's context is {limit}")
-        return super().generate(input_ids, *args, **kwargs)
-
     def scorer(self, stream: ModelStream) -> _ReroutingScorer:
         return _ReroutingScorer(self, stream)
 

@@ -39,7 +39,7 @@ from transformers.generation.logits_process import LogitsProcessorList
 from transformers.generation.stopping_criteria import StoppingCriteriaList
 
 from reroute.attach import RoutedModel, attach
-from reroute.generation import DecodingMethod, ModelStream
+from reroute.generation import DecodingMethod, ModelStream, check_prompt
 from reroute.routing.policy import RoutingPolicy
 from reroute.scmoe.config import SCMoEConfig
 from reroute.scmoe.weak import RandomExperts, WeakRouting
@@ -164,6 +164,7 @@ class SCMoE(DecodingMethod):
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Strong and weak next-token logits ``[B, T - 1, V]`` of a padded batch ``[B, T]``, no gradient."""
+        check_prompt(self.rm.model, input_ids)
         with torch.no_grad():
             strong = padded_logits(self.rm.model, input_ids, attention_mask)[:, :-1]
             with self.weak.applied(self.rm, input_ids.shape[0], draws=self.new_draws()):
