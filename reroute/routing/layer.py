@@ -104,6 +104,9 @@ class LayerRouting:
         policy: routing policy or ``None`` (the family's own top-k); ``policy_rows`` (bool ``[B]``) limits it to rows.
         mask: expert mask or ``None``.
         mixing: C3PO re-mixing state or ``None``.
+        exact_mixing_gradient: back-propagate the exact gradient of the re-mixed routing to the mixing logits
+            (``False``, the default: the straight-through estimate of :meth:`_core_gradient_slots`, which reaches
+            every core expert). Only differs where the family renormalises the selected weights.
         kernels: route with the Triton routing kernel (``reroute.kernels.routing``) where it applies: on CUDA (or
             under Triton's interpreter), no gradient wanted, a rule the kernel expresses. Same result as the
             PyTorch path (ties aside); set by ``attach``.
@@ -131,6 +134,7 @@ class LayerRouting:
         self.policy_rows: torch.Tensor | None = None
         self.mask: ExpertMask | None = None
         self.mixing: Mixing | None = None
+        self.exact_mixing_gradient = False
         self.kernels = False
 
     @property
@@ -280,7 +284,8 @@ class LayerRouting:
         """Straight-through slots so that every core expert's mixing logit gets a gradient.
 
         Where the family renormalises the selected weights, the softmax normaliser over the core cancels and the
-        exact gradient reaches only the selected experts. We append the core experts with weight
+        exact gradient reaches only the selected experts (``exact_mixing_gradient=True`` keeps that exact gradient:
+        autograd through the forward as it is, no extra slots). We append the core experts with weight
         ``omega - omega.detach()``: zero in the forward (outputs unchanged bit for bit), and in the backward the
         gradient of a dense mixture of the core. Costs C extra expert slots per token of this layer while
         gradients are being taken.
@@ -317,6 +322,7 @@ class LayerRouting:
             and torch.is_grad_enabled()
             and self.mixing.logits.requires_grad
             and self.rule.renormalizes(router)
+            and not self.exact_mixing_gradient
         ):
             weights, indices = self._core_gradient_slots(weights, indices, mixed_tokens, core, omega)
         return weights, indices
