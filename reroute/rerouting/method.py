@@ -100,10 +100,11 @@ class Rerouter(DecodingMethod):
     """Continuous rerouting on an attached model.
 
     Args:
-        rm: the attached model (its own routing state, e.g. layer offsets, stays underneath δ).
+        rm: the attached model (its own routing state, e.g. layer and row offsets, stays underneath δ and is as it
+            was after each call).
         config: a :class:`RerouterConfig`, or its fields as keyword arguments (which also override a given config).
 
-    After a call, ``phases`` holds each phase's :class:`~reroute.rerouting.adapt.PhaseResult` (losses, cost).
+    Every row (``num_return_sequences`` rows too) adapts to its own context. After a call, ``phases`` holds each phase's :class:`~reroute.rerouting.adapt.PhaseResult` (losses, cost).
     """
 
     def __init__(self, rm: RoutedModel, config: RerouterConfig | None = None, **overrides: Any) -> None:
@@ -141,8 +142,8 @@ def rerouting_generate(
     """Continuous rerouting as a ``custom_generate`` callable:
     ``model.generate(**inputs, custom_generate=reroute.rerouting_generate, interval=128, steps=5, lr=0.05)``.
 
-    ``rerouter_config`` replaces the separate hyperparameters; pass a streamer as ``token_streamer=`` (see
-    :mod:`reroute.generation`). The model is attached if it is not yet.
+    ``rerouter_config`` replaces the separate hyperparameters; a streamer works as ``streamer=`` or
+    ``token_streamer=`` (see :mod:`reroute.generation`). The model is attached if it is not yet.
     """
     config = rerouter_config or RerouterConfig(interval=interval, steps=steps, lr=lr, layers=layers)
     return Rerouter(attach(model), config).decoding_method(
