@@ -104,7 +104,8 @@ class Rerouter(DecodingMethod):
             was after each call).
         config: a :class:`RerouterConfig`, or its fields as keyword arguments (which also override a given config).
 
-    Every row (``num_return_sequences`` rows too) adapts to its own context. After a call, ``phases`` holds each phase's :class:`~reroute.rerouting.adapt.PhaseResult` (losses, cost).
+    Every row (``num_return_sequences`` rows too) adapts to its own context. After a call, ``phases`` holds each
+    phase's :class:`~reroute.rerouting.adapt.PhaseResult` (losses, cost).
     """
 
     def __init__(self, rm: RoutedModel, config: RerouterConfig | None = None, **overrides: Any) -> None:
