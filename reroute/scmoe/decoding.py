@@ -225,7 +225,8 @@ def scmoe_generate(
     signature (``beta``, ``alpha``, ``weak``, ``layers``, ``design``, ``seed``, ``allow_eos``, ``scmoe_config``,
     ``token_streamer``; transformers 5.17 to 5.25); ``scmoe_config`` replaces the separate hyperparameters. A
     streamer works as ``streamer=`` or ``token_streamer=`` (see :mod:`reroute.generation`). The model is attached
-    with :func:`reroute.attach` if it is not yet, and stays attached (with no routing state it computes exactly what the original model does).
+    with :func:`reroute.attach` if it is not yet, and stays attached (with no routing state it computes exactly
+    what the original model does).
     """
     config = scmoe_config or SCMoEConfig(
         beta=beta, alpha=alpha, weak=weak, layers=layers, design=design, seed=seed, allow_eos=allow_eos
