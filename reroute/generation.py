@@ -23,20 +23,29 @@ A minimal method, equal to plain sampling/greedy decoding::
 
     model.generate(**inputs, custom_generate=plain, max_new_tokens=32)
 
-Streamers: ``generate()`` (checked in 5.17 and 5.24) does not pass its ``streamer=`` argument to a callable
-``custom_generate`` — it only puts the prompt into it and never calls ``end()``, so a ``TextIteratorStreamer`` given
-that way blocks its reader forever. Methods therefore take the streamer as ``token_streamer=`` (an extra keyword
-that ``generate()`` does forward, see :data:`STREAMER_KWARG`); :func:`decode` puts the prompt into it first, as
-``generate()`` does for its own streamer.
+Streamers: ``generate()`` (checked in 5.17, 5.24 and 5.25) does not pass its ``streamer=`` argument to a callable
+``custom_generate`` — it only puts the prompt into it. :func:`decode` therefore reads that streamer from the running
+``generate()`` call (its frame) and streams the new tokens into it and ends it, so ``model.generate(**inputs,
+streamer=s, custom_generate=fn)`` streams as it does without ``custom_generate``. Methods also take a streamer as
+``token_streamer=`` (an extra keyword that ``generate()`` does forward, see :data:`STREAMER_KWARG`); :func:`decode`
+then puts the prompt into it first, as ``generate()`` does for its own streamer. Passing two different streamers
+is an error.
+
+Beam search is not implemented by :func:`decode` (``num_beams > 1`` raises); per-row routing state expands under
+beam search only in the model's own ``generate()``.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import inspect
+import os
+import warnings
 from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
+import transformers.generation.utils
 from transformers import DynamicCache, GenerationConfig
 from transformers.generation.logits_process import LogitsProcessorList
 from transformers.generation.stopping_criteria import StoppingCriteriaList
@@ -204,6 +213,48 @@ def check_supported(model: PreTrainedModel, generation_config: GenerationConfig)
         )
 
 
+_GENERATE_FILE = os.path.normcase(os.path.abspath(transformers.generation.utils.__file__))
+
+
+def generate_streamer() -> BaseStreamer | None:
+    """The ``streamer=`` of the ``generate()`` call this code runs inside (``None`` without one or outside
+    ``generate()``): ``generate()`` keeps it from a callable ``custom_generate`` after putting the prompt into it."""
+    frame = inspect.currentframe()
+    try:
+        while frame is not None:
+            code = frame.f_code
+            if code.co_name == "generate" and os.path.normcase(os.path.abspath(code.co_filename)) == _GENERATE_FILE:
+                return frame.f_locals.get("streamer")
+            frame = frame.f_back
+        return None
+    finally:
+        del frame
+
+
+def check_prompt(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> None:
+    """Clear errors for prompts ``[B, S]`` the model cannot run — a token id outside its vocabulary, more tokens
+    than its context (``max_position_embeddings``) — and transformers' warning for a right-padded batch (a row
+    whose last position is padding), before anything runs."""
+    vocab = model.get_input_embeddings().num_embeddings
+    if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab):
+        bad = int(input_ids.max()) if int(input_ids.max()) >= vocab else int(input_ids.min())
+        raise ValueError(
+            f"token id {bad} is outside the model's vocabulary of {vocab} tokens; encode with the model's tokenizer"
+        )
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit is not None and input_ids.shape[-1] > limit:
+        raise ValueError(
+            f"the prompt has {input_ids.shape[-1]} tokens but the model's context is {limit}; shorten the prompt"
+        )
+    if attention_mask is not None and attention_mask.dim() == 2 and bool((attention_mask[:, -1] == 0).any()):
+        warnings.warn(
+            "A decoder-only architecture is being used, but right-padding was detected! For correct generation "
+            "results, please set `padding_side='left'` when initializing the tokenizer.",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
 def decode(
     model: PreTrainedModel,
     input_ids: torch.LongTensor,
@@ -223,7 +274,8 @@ def decode(
         input_ids: ``[B, S]`` prompts, already expanded for ``num_return_sequences`` by ``generate()``.
         scorer: the method's next-token logits (see :class:`NextTokenScorer`).
         logits_processor, stopping_criteria, generation_config: as ``generate()`` passes them.
-        streamer: receives the prompt, then each step's tokens ``[B]``, then ``end()``.
+        streamer: receives the prompt, then each step's tokens ``[B]``, then ``end()``. Inside ``generate()``, its
+            own ``streamer=`` is used when this is ``None`` (it already holds the prompt; see the module docstring).
 
     Returns:
         ``[B, S + new]`` token ids, or a ``GenerateDecoderOnlyOutput`` (sequences, ``scores`` = processed scores,
@@ -238,7 +290,12 @@ def decode(
     if pad_token is not None:
         pad_token = pad_token.to(input_ids.device)
     unfinished = torch.ones(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-    if streamer is not None:
+    outer = generate_streamer()
+    if outer is not None and streamer is not None and streamer is not outer:
+        raise ValueError("generate() got both streamer= and token_streamer=; pass one streamer")
+    if outer is not None:
+        streamer = outer  # generate() has put the prompt into it already
+    elif streamer is not None:
         streamer.put(input_ids.cpu())
 
     logits = scorer.prefill(input_ids).to(input_ids.device)
@@ -300,13 +357,18 @@ class DecodingMethod:
         (``max_new_tokens``, ``do_sample``, ``temperature``, ``top_p``, ``top_k``, ``num_return_sequences``,
         ``eos_token_id``, ``return_dict_in_generate``, ...). Batches must be left-padded.
 
-        ``input_ids [B, S]`` -> ``[B * num_return_sequences, S + new]``.
+        ``input_ids [B, S]`` -> ``[B * num_return_sequences, S + new]``. ``streamer=`` (or ``token_streamer=``)
+        receives the prompt, the new tokens and ``end()``. Raises ``ValueError`` for a token id outside the
+        vocabulary or a prompt longer than the model's context; warns for right padding.
         """
+        token_streamer = generate_kwargs.pop(STREAMER_KWARG, None)
+        if streamer is not None and token_streamer is not None and streamer is not token_streamer:
+            raise ValueError(f"got both streamer= and {STREAMER_KWARG}=; pass one streamer")
         return self.rm.model.generate(
             input_ids=input_ids,
             attention_mask=attention_mask,
             custom_generate=self.decoding_method,
-            **{STREAMER_KWARG: streamer},
+            **{STREAMER_KWARG: streamer if streamer is not None else token_streamer},
             **generate_kwargs,
         )
 
@@ -323,6 +385,7 @@ class DecodingMethod:
         """The ``custom_generate`` callable ``generate()`` calls with its prepared inputs."""
         if model.__dict__.get("_reroute_attached") is not self.rm:  # rm.model, or the model inside its peft wrapper
             raise ValueError(f"this {type(self).__name__} belongs to another model")
+        check_prompt(model, input_ids, model_kwargs.get("attention_mask"))
         scorer = self.scorer(ModelStream(model, generation_config, model_kwargs))
         try:
             return decode(

@@ -22,8 +22,9 @@ context only, so requests are grouped by context and each context is adapted onc
 cache keyed by the context's tokens, so repeated requests (every choice of a multiple-choice question, the up to 64
 repeats of a self-consistency task, a second evaluation) reuse it. Each (context, continuation) row is then scored
 under its context's adaptation (C3PO: the re-mixed pathway at the last context token; rerouting: the context's
-offsets δ on every token). SCMoE scores continuations with the log-softmax of its contrasted logits (tokens outside
-the plausible set get ``-inf``), as :class:`reroute.eval.methods.SCMoEMethod` does.
+offsets δ on every token). SCMoE scores continuations with :meth:`reroute.SCMoE.scoring_logprobs` (the contrast where a
+token is plausible, the strong log-probability otherwise; never ``-inf``), as :class:`reroute.eval.methods.SCMoEMethod`
+does.
 
 Generation requests (``generate_until``) go through the method's ``generate()`` with the task's ``until``,
 ``max_gen_toks``, ``do_sample`` and ``temperature``: C3PO with each prompt's cached adaptation, rerouting with its
@@ -450,6 +451,7 @@ class RoutedLM(HFLM):
                     logits = padded_logits(self.model, batch.input_ids, batch.attention_mask)[:, :-1]
                 finally:
                     self.rm.clear_mixing(self._c3po.layers)
+                logprobs = torch.log_softmax(logits.float(), dim=-1)
             elif self.method == "rerouting":
                 stacked = _stack_offsets(self.cache.get_many(contexts, self._adapt_rerouting))
                 self.rm.set_row_offsets({idx: stacked.delta[:, j] for j, idx in enumerate(stacked.layers)})
@@ -458,10 +460,10 @@ class RoutedLM(HFLM):
                 finally:
                     for idx in stacked.layers:
                         self.rm.layer(idx).row_offsets = None
+                logprobs = torch.log_softmax(logits.float(), dim=-1)
             else:
                 assert self._scmoe is not None
-                logits = self._scmoe.contrasted_logits(batch.input_ids, batch.attention_mask)
-        logprobs = torch.log_softmax(logits.float(), dim=-1)
+                logprobs = self._scmoe.scoring_logprobs(batch.input_ids, batch.attention_mask)
         targets = batch.input_ids[:, 1:]
         mask = batch.target_mask[:, 1:]
         token_lp = logprobs.gather(-1, targets[..., None])[..., 0].masked_fill(~mask, 0.0)

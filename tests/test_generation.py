@@ -6,6 +6,7 @@ import pytest
 import torch
 from conftest import Collect
 
+import reroute
 from reroute.generation import ModelStream, decode
 from reroute.testing import tiny_model
 
@@ -103,14 +104,73 @@ def test_streamer_gets_prompt_tokens_and_end_through_token_streamer():
 
 
 def test_generate_does_not_pass_its_streamer_to_a_callable():
-    """The transformers behaviour the ``token_streamer`` convention works around (5.17 and 5.24): the callable
-    never sees ``streamer=``, which only receives the prompt and is never ended. If this starts failing, transformers
-    forwards the streamer now and the note in reroute/generation.py should say from which version."""
+    """The transformers behaviour that :func:`decode` works around (5.17 to 5.25): the callable never sees
+    ``streamer=``, which only receives the prompt. If this starts failing, transformers forwards the streamer now and
+    the note in reroute/generation.py should say from which version."""
     model = tiny_model("olmoe")
     ids = torch.randint(3, 96, (1, 5), generator=torch.Generator().manual_seed(2))
-    streamer = Collect()
-    model.generate(ids, max_new_tokens=3, do_sample=False, custom_generate=plain, streamer=streamer)
+    streamer, seen = Collect(), {}
+
+    def bare(model, input_ids, logits_processor, stopping_criteria, generation_config, **model_kwargs):
+        seen.update(model_kwargs)
+        return input_ids
+
+    model.generate(ids, max_new_tokens=3, do_sample=False, custom_generate=bare, streamer=streamer)
     assert len(streamer.puts) == 1 and torch.equal(streamer.puts[0], ids) and streamer.ended == 0
+    assert "streamer" not in seen
+
+
+def test_streamer_given_to_generate_streams_through_a_custom_method():
+    """``generate(streamer=s, custom_generate=fn)`` with ``fn`` built on :func:`decode`: the same puts and one end as
+    ``generate(streamer=s)`` alone; two different streamers are an error."""
+    model = tiny_model("olmoe")
+    ids = torch.randint(3, 96, (1, 5), generator=torch.Generator().manual_seed(2))
+    theirs, ours = Collect(), Collect()
+    kwargs = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False)
+    expected = model.generate(ids, streamer=theirs, **kwargs)
+    actual = model.generate(ids, custom_generate=plain, streamer=ours, **kwargs)
+    assert torch.equal(actual, expected)
+    assert len(ours.puts) == len(theirs.puts) == 5 and ours.ended == theirs.ended == 1
+    for a, b in zip(ours.puts, theirs.puts):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="pass one streamer"):
+        model.generate(ids, custom_generate=plain, streamer=Collect(), token_streamer=Collect(), **kwargs)
+
+
+def test_methods_take_streamer_or_token_streamer():
+    rm = reroute.attach(tiny_model("olmoe"))
+    ids = torch.randint(3, 96, (1, 5), generator=torch.Generator().manual_seed(2))
+    kwargs = dict(max_new_tokens=3, min_new_tokens=3, do_sample=False)
+    for method in (reroute.SCMoE(rm), reroute.Rerouter(rm, steps=1)):
+        by_name, by_token, by_generate = Collect(), Collect(), Collect()
+        out = method.generate(input_ids=ids, streamer=by_name, **kwargs)
+        method.generate(input_ids=ids, token_streamer=by_token, **kwargs)
+        rm.model.generate(ids, custom_generate=method.decoding_method, streamer=by_generate, **kwargs)
+        for collected in (by_name, by_token, by_generate):
+            assert torch.equal(torch.cat([p.reshape(1, -1) for p in collected.puts], 1), out)
+            assert collected.ended == 1
+        with pytest.raises(ValueError, match="pass one streamer"):
+            method.generate(input_ids=ids, streamer=Collect(), token_streamer=Collect(), **kwargs)
+
+
+@pytest.mark.parametrize("method", ["scmoe", "rerouter"])
+def test_prompts_the_model_cannot_run_are_clear_errors(method):
+    rm = reroute.attach(tiny_model("olmoe"))
+    run = reroute.SCMoE(rm) if method == "scmoe" else reroute.Rerouter(rm, steps=1)
+    vocab = rm.model.config.vocab_size
+    with pytest.raises(ValueError, match="outside the model's vocabulary"):
+        run.generate(input_ids=torch.tensor([[5, vocab]]), max_new_tokens=1)
+    too_long = torch.randint(3, 96, (1, rm.model.config.max_position_embeddings + 1))
+    with pytest.raises(ValueError, match="context"):
+        run.generate(input_ids=too_long, max_new_tokens=1)
+    ids = torch.randint(3, 96, (2, 5), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones_like(ids)
+    mask[1, -2:] = 0
+    with pytest.warns(UserWarning, match="right-padding"):
+        run.generate(input_ids=ids, attention_mask=mask, max_new_tokens=1)
+    if method == "scmoe":
+        with pytest.raises(ValueError, match="outside the model's vocabulary"):
+            run.scoring_logprobs(torch.tensor([[5, vocab]]), torch.ones(1, 2, dtype=torch.long))
 
 
 def _stream(model, ids, **overrides):

@@ -4,6 +4,7 @@ its per-context adaptation cache, the ``reroute lm-eval`` wrapper and the ``simp
 from __future__ import annotations
 
 import json
+import math
 import runpy
 import sys
 from pathlib import Path
@@ -147,6 +148,10 @@ def test_pretrained_folder_loads_like_hflm_and_attaches(tmp_path):
         lm.rm.detach()
     assert all(torch.isfinite(torch.tensor(scores["base"])))
     assert scores["scmoe"] != pytest.approx(scores["base"], abs=1e-6)
+    # α = 1 leaves one plausible token per position: continuations off it score low, never -inf (issue 14.1)
+    lm = rl.RoutedLM(str(tmp_path / "model"), method="scmoe", alpha=1.0, device="cpu", batch_size=2)
+    assert all(math.isfinite(ll) for ll, _ in lm.loglikelihood(requests, disable_tqdm=True))
+    lm.rm.detach()
 
 
 def test_static_offsets_score_like_the_loaded_state(testbed, tmp_path):

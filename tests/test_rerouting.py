@@ -232,3 +232,45 @@ def test_bad_inputs(rm):
     too_long = torch.randint(3, 96, (1, rm.model.config.max_position_embeddings + 1))
     with pytest.raises(ValueError, match="context"):
         Rerouter(rm).generate(input_ids=too_long, max_new_tokens=1)
+
+
+def test_user_row_offsets_stay_under_delta_and_come_back(rm):
+    """Row offsets set before generate() are the base δ adds to, and are back (the same tensors) afterwards."""
+    ids, mask = _prompt()
+    gen = torch.Generator().manual_seed(3)
+    user = {idx: torch.randn(ids.shape[0], rm.num_experts, generator=gen) for idx in rm.moe_layers}
+    rm.set_row_offsets(user)
+    with torch.no_grad():
+        expected_before = context_loss(rm, ids, mask)
+    rerouter = Rerouter(rm, steps=2, lr=0.2, layers="all")
+    rerouter.generate(input_ids=ids, attention_mask=mask, max_new_tokens=2, do_sample=False)
+    torch.testing.assert_close(rerouter.phases[0].loss_before, expected_before)  # δ = 0 on top of the user's
+    assert all(rm.layer(idx).row_offsets is user[idx] for idx in rm.moe_layers)
+
+
+def test_layers_are_selected_per_row(rm, context):
+    """'confidence' selection ranks the layers of each row by its own C_i: a row adapts the layers it would adapt
+    alone, whatever its batch-mates; δ stays zero on the layers it did not select."""
+    ids, mask = context
+    config = RerouterConfig(layers="confidence", ratio=0.34, steps=2, lr=0.2)
+    per_row = routing_confidence(rm, ids, mask, per_row=True)
+    layers = select_layers(rm, config, per_row)
+    rerouter = Rerouter(rm, config)
+    rerouter.generate(input_ids=ids, attention_mask=mask, max_new_tokens=1, do_sample=False)
+    delta = rerouter.phases[0].delta
+    assert delta.shape[1] == len(layers)
+    chosen_sets = []
+    for b in range(ids.shape[0]):
+        alone = select_layers(rm, config, routing_confidence(rm, ids[b : b + 1], mask[b : b + 1]))
+        chosen = {idx for idx, weight in layers.items() if weight[b] == 1.0}
+        assert chosen == set(alone)
+        chosen_sets.append(frozenset(chosen))
+        for j, idx in enumerate(layers):
+            assert (delta[b, j].abs().sum() > 0) == (idx in chosen)
+    assert len(set(chosen_sets)) > 1, "the rows of this context choose different layers"
+
+
+def test_no_gradient_is_left_on_the_layer_offsets(rm, context):
+    ids, mask = context
+    Rerouter(rm, steps=2, layers="all").generate(input_ids=ids, attention_mask=mask, max_new_tokens=2)
+    assert all(p.grad is None and p.requires_grad for p in rm.offsets.parameters())

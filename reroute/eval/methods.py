@@ -149,7 +149,9 @@ class ReroutingMethod:
         config = RerouterConfig(**self.options)
         prompts = prompt_batch(tokenizer, [item["prompt"] for item in items]).to(rm.model.device)
         confidence = (
-            routing_confidence(rm, prompts.input_ids, prompts.attention_mask) if config.layers == "confidence" else None
+            routing_confidence(rm, prompts.input_ids, prompts.attention_mask, per_row=True)
+            if config.layers == "confidence"
+            else None
         )
         layers = select_layers(rm, config, confidence)
         delta = torch.zeros(len(items), len(layers), rm.num_experts, device=rm.layer(next(iter(layers))).device)
@@ -180,9 +182,11 @@ class ReroutingMethod:
 
 @dataclass
 class SCMoEMethod:
-    """SCMoE. Generation: greedy self-contrast decoding. Multiple choice: each continuation token is scored by the
-    log-softmax of the contrasted logits (tokens outside the plausible set get ``-inf``). ``options`` are
-    :class:`~reroute.SCMoEConfig` fields (beta, alpha, weak, layers, ...)."""
+    """SCMoE. Generation: greedy self-contrast decoding. Multiple choice: each continuation token is scored by
+    :meth:`~reroute.SCMoE.scoring_logprobs` (the contrast where the token is plausible, the strong log-probability
+    otherwise; never ``-inf``); ``stats["ties"]`` counts the items whose best score is shared by several choices
+    (arg-max then takes the first; the harness reports it as the share of items). ``options`` are
+    :class:`~reroute.SCMoEConfig` fields (beta, alpha, weak, ...)."""
 
     options: dict[str, Any] = field(default_factory=dict)
     name: str = "scmoe"
@@ -193,12 +197,12 @@ class SCMoEMethod:
 
         batch, n_choices = choice_batch(tokenizer, items)
         batch = batch.to(rm.model.device)
-        contrast = SCMoE(rm, **self.options).contrasted_logits(batch.input_ids, batch.attention_mask)
-        logprobs = torch.log_softmax(contrast, -1)
+        logprobs = SCMoE(rm, **self.options).scoring_logprobs(batch.input_ids, batch.attention_mask)
         token_lp = logprobs.gather(-1, batch.input_ids[:, 1:, None])[..., 0]
-        # tokens outside the plausible set make a choice impossible (-inf), as decoding would
-        scores = token_lp.masked_fill(~batch.target_mask[:, 1:], 0.0).sum(-1)
-        return scores.view(len(items), n_choices).argmax(-1).tolist()
+        scores = token_lp.masked_fill(~batch.target_mask[:, 1:], 0.0).sum(-1).view(len(items), n_choices)
+        ties = (scores == scores.max(-1, keepdim=True).values).sum(-1) > 1
+        self.stats["ties"] = self.stats.get("ties", 0.0) + float(ties.sum())
+        return scores.argmax(-1).tolist()
 
     def generate(self, rm: RoutedModel, tokenizer: Any, items: Sequence[Item], max_new_tokens: int) -> list[str]:
         from reroute.scmoe import SCMoE

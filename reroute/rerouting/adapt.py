@@ -8,9 +8,10 @@ element-wise, so a batch adapts exactly as its rows would alone.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -18,6 +19,7 @@ import torch
 from reroute.attach import RoutedModel
 from reroute.frozen import frozen_weights
 from reroute.prefix import PrefixCache
+from reroute.routing.layer import expand_rows
 from reroute.scoring import next_token_logprobs, padded_logits
 
 
@@ -77,8 +79,12 @@ def context_loss(rm: RoutedModel, input_ids: torch.Tensor, attention_mask: torch
     return (nll * mask).sum(-1) / mask.sum(-1).clamp(min=1)
 
 
-def routing_confidence(rm: RoutedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[int, float]:
-    """The paper's per-layer score C_i = -mean over tokens and selected experts of log p(expert), ``{layer: C_i}``.
+def routing_confidence(
+    rm: RoutedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, per_row: bool = False
+) -> dict[int, float] | dict[int, torch.Tensor]:
+    """The paper's per-layer score C_i = -mean over tokens and selected experts of log p(expert), ``{layer: C_i}``:
+    over the whole batch (a float), or with ``per_row=True`` for each row over its own tokens (``[B]``, CPU), so
+    that a row's layer selection does not depend on its batch-mates.
 
     High C_i means the router puts *little* probability on its choices (low confidence) — the inconsistency
     reviewers noted; ``RerouterConfig.prefer`` makes the direction explicit.
@@ -86,17 +92,25 @@ def routing_confidence(rm: RoutedModel, input_ids: torch.Tensor, attention_mask:
     with torch.no_grad(), rm.trace() as trace:
         padded_logits(rm.model, input_ids, attention_mask)
     mask = attention_mask.bool().cpu()
-    scores = {}
+    scores: dict[int, float] | dict[int, torch.Tensor] = {}
     for layer in rm.moe_layers:
         probs = trace.scores(layer)
         probs = probs / probs.sum(-1, keepdim=True)  # sigmoid-scored families: normalise to a distribution
         chosen = probs.gather(-1, trace.indices(layer).clamp(min=0))[..., : rm.layer(layer).top_k]
-        scores[layer] = float(-chosen.clamp(min=1e-30).log().mean(-1)[mask].mean())
+        per_token = -chosen.clamp(min=1e-30).log().mean(-1).cpu()  # [B, S]
+        if per_row:
+            scores[layer] = (per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+        else:
+            scores[layer] = float(per_token[mask].mean())
     return scores
 
 
-def select_layers(rm: RoutedModel, config: RerouterConfig, confidence: dict[int, float] | None) -> dict[int, float]:
-    """``{layer: gradient weight}`` of the layers adapted in this phase."""
+def select_layers(
+    rm: RoutedModel, config: RerouterConfig, confidence: dict[int, float] | dict[int, torch.Tensor] | None
+) -> dict[int, float] | dict[int, torch.Tensor]:
+    """``{layer: gradient weight}`` of the layers adapted in this phase. With per-row confidence (``[B]`` per layer,
+    see :func:`routing_confidence`) each row selects its own layers: the weights are then ``[B]`` (hard selection:
+    1 where the row adapts the layer, 0 elsewhere; a layer no row selects is left out)."""
     if not isinstance(config.layers, str):
         chosen = sorted({int(i) for i in config.layers})
         for idx in chosen:
@@ -106,6 +120,8 @@ def select_layers(rm: RoutedModel, config: RerouterConfig, confidence: dict[int,
         return {idx: 1.0 for idx in rm.moe_layers}
     assert confidence is not None
     sign = 1.0 if config.prefer == "uncertain" else -1.0
+    if isinstance(next(iter(confidence.values())), torch.Tensor):
+        return _select_per_row(rm, config, confidence, sign)
     if config.selection == "hard":
         count = max(1, round(config.ratio * len(confidence)))
         ranked = sorted(confidence, key=lambda i: -sign * confidence[i])[:count]
@@ -113,6 +129,22 @@ def select_layers(rm: RoutedModel, config: RerouterConfig, confidence: dict[int,
     values = torch.tensor([sign * confidence[i] for i in rm.moe_layers])
     weights = torch.softmax(values / values.std().clamp(min=1e-6), 0) * len(values)
     return dict(zip(rm.moe_layers, weights.tolist()))
+
+
+def _select_per_row(
+    rm: RoutedModel, config: RerouterConfig, confidence: dict[int, torch.Tensor], sign: float
+) -> dict[int, torch.Tensor]:
+    """:func:`select_layers` for per-row confidence: each row ranks the layers by its own C_i, exactly as a batch
+    of that row alone would."""
+    values = torch.stack([sign * confidence[i].float() for i in rm.moe_layers], dim=1)  # [B, L]
+    if config.selection == "soft":
+        weights = torch.softmax(values / values.std(dim=1, keepdim=True).clamp(min=1e-6), 1) * values.shape[1]
+        return {idx: weights[:, j] for j, idx in enumerate(rm.moe_layers)}
+    count = max(1, round(config.ratio * values.shape[1]))
+    # a stable sort: ties go to the lower layer, as sorted() does for a single row
+    order = torch.sort(values, dim=1, descending=True, stable=True).indices[:, :count]
+    chosen = torch.zeros_like(values).scatter_(1, order, 1.0)
+    return {idx: chosen[:, j] for j, idx in enumerate(rm.moe_layers) if bool(chosen[:, j].any())}
 
 
 @dataclass
@@ -127,38 +159,74 @@ class PhaseResult:
     rolled_back: bool
 
 
-def install_row_offsets(rm: RoutedModel, order: Sequence[int], delta: torch.Tensor) -> None:
+def install_row_offsets(
+    rm: RoutedModel,
+    order: Sequence[int],
+    delta: torch.Tensor,
+    base: Mapping[int, torch.Tensor | None] | None = None,
+) -> None:
     """Set ``delta [B, L_sel, E]`` as the per-row offsets of the layers ``order``, each slice on its layer's device
-    (a model spread over devices keeps δ in one place; ``.to`` is differentiable, so gradients reach δ)."""
-    rm.set_row_offsets({idx: delta[:, j].to(rm.layer(idx).device) for j, idx in enumerate(order)})
+    (a model spread over devices keeps δ in one place; ``.to`` is differentiable, so gradients reach δ). ``base``
+    holds row offsets set before (``[R, E]`` per layer, ``R`` dividing ``B``): δ is added to them (without a
+    gradient to them)."""
+    values = {}
+    for j, idx in enumerate(order):
+        value = delta[:, j].to(rm.layer(idx).device)
+        previous = None if base is None else base.get(idx)
+        if previous is not None:
+            value = value + expand_rows(previous.detach(), value.shape[0], "row offsets").to(value.dtype)
+        values[idx] = value
+    rm.set_row_offsets(values)
+
+
+@contextlib.contextmanager
+def _no_grad_to(params: Sequence[torch.nn.Parameter]) -> Iterator[None]:
+    """Switch off ``requires_grad`` on ``params`` (the user's layer offsets) for a block, so that the phase's
+    backward leaves no gradient on them; flags restored on exit."""
+    thawed = [p for p in params if p.requires_grad]
+    for p in thawed:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in thawed:
+            p.requires_grad_(True)
 
 
 @torch.enable_grad()  # generate() runs under no_grad; a phase needs gradients whatever the caller's mode
 def adapt_phase(
     rm: RoutedModel,
     config: RerouterConfig,
-    layers: dict[int, float],
+    layers: Mapping[int, float | torch.Tensor],
     delta: torch.Tensor,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
+    base: Mapping[int, torch.Tensor | None] | None = None,
 ) -> PhaseResult:
     """Run ``config.steps`` Adam steps on ``delta [B, L_sel, E]`` (updated in place on success).
+
+    ``layers`` gives each layer's gradient weight, one for all rows (a float) or per row (``[B]``; a row whose
+    weight is 0 keeps δ = 0 on that layer). ``base``: row offsets set before the phase, which δ adds to (see
+    :func:`install_row_offsets`). The model's weights and the layer offsets ``rm.offsets`` get no gradient.
 
     A step whose loss is not finite is rolled back: δ returns to the last good value with a warning.
     The loss of the final δ is measured by one more forward (no gradient).
     """
     order = list(layers)
-    weights = torch.tensor([layers[i] for i in order], device=delta.device)[None, :, None]
+    rows = delta.shape[0]
+    weights = torch.stack(
+        [torch.as_tensor(layers[i], dtype=delta.dtype).reshape(-1).expand(rows) for i in order], dim=1
+    ).to(delta.device)[:, :, None]
     param = delta.detach().clone().requires_grad_()
     optimizer = torch.optim.Adam([param], lr=config.lr)
     last_good = param.detach().clone()
-    install_row_offsets(rm, order, param)
+    install_row_offsets(rm, order, param, base)
     forwards = backwards = 0
     rolled_back = False
     before = None
     first_layer = min(order) if config.reuse_prefix else 0
     run = lambda: context_loss(rm, input_ids, attention_mask)
-    with frozen_weights(rm.model), PrefixCache(rm, first_layer, run):
+    with frozen_weights(rm.model), _no_grad_to(rm.offsets.parameters()), PrefixCache(rm, first_layer, run):
         for _ in range(config.steps):
             loss = context_loss(rm, input_ids, attention_mask)
             forwards += 1
@@ -193,5 +261,5 @@ def adapt_phase(
         )
     with torch.no_grad():
         delta.copy_(param)
-    install_row_offsets(rm, order, delta)
+    install_row_offsets(rm, order, delta, base)
     return PhaseResult(delta, before if before is not None else after, after, forwards, backwards, rolled_back)

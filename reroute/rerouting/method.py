@@ -38,7 +38,9 @@ class _ReroutingScorer:
         self.method = method
         self.generated = 0
         self.delta: torch.Tensor | None = None
-        self.layers: dict[int, float] = {}
+        self.layers: dict[int, float] | dict[int, torch.Tensor] = {}
+        # row offsets the user set: δ adds to them during the call, and they are back afterwards
+        self.saved = {idx: self.rm.layer(idx).row_offsets for idx in self.rm.moe_layers}
 
     @property
     def cache(self) -> Any:
@@ -51,11 +53,15 @@ class _ReroutingScorer:
     def _phase(self, input_ids: torch.LongTensor) -> None:
         mask = self._mask(input_ids)
         if self.delta is None:  # the first phase of this prompt: choose layers, δ = 0
-            confidence = routing_confidence(self.rm, input_ids, mask) if self.config.layers == "confidence" else None
-            self.layers = select_layers(self.rm, self.config, confidence)
+            confidence = (
+                routing_confidence(self.rm, input_ids, mask, per_row=True)
+                if self.config.layers == "confidence"
+                else None
+            )
+            self.layers = select_layers(self.rm, self.config, confidence)  # per row: batch-mates do not matter
             device = self.rm.layer(next(iter(self.layers))).device
             self.delta = torch.zeros(input_ids.shape[0], len(self.layers), self.rm.num_experts, device=device)
-        result = adapt_phase(self.rm, self.config, self.layers, self.delta, input_ids, mask)
+        result = adapt_phase(self.rm, self.config, self.layers, self.delta, input_ids, mask, base=self.saved)
         self.method.phases.append(result)
 
     def prefill(self, input_ids: torch.LongTensor) -> torch.Tensor:
@@ -79,10 +85,12 @@ class Rerouter(DecodingMethod):
     """Continuous rerouting on an attached model.
 
     Args:
-        rm: the attached model (its own routing state, e.g. layer offsets, stays underneath δ).
+        rm: the attached model (its own routing state, e.g. layer and row offsets, stays underneath δ and is as it
+            was after each call).
         config: a :class:`RerouterConfig`, or its fields as keyword arguments (which also override a given config).
 
-    After a call, ``phases`` holds each phase's :class:`~reroute.rerouting.adapt.PhaseResult` (losses, cost).
+    Every row (``num_return_sequences`` rows too) adapts to its own context. After a call, ``phases`` holds each
+    phase's :class:`~reroute.rerouting.adapt.PhaseResult` (losses, cost).
     """
 
     def __init__(self, rm: RoutedModel, config: RerouterConfig | None = None, **overrides: Any) -> None:
@@ -91,22 +99,12 @@ class Rerouter(DecodingMethod):
         select_layers(rm, self.config, {i: 0.0 for i in rm.moe_layers})  # fail early on a bad layer list
         self.phases: list[PhaseResult] = []
 
-    def generate(
-        self, input_ids: torch.LongTensor | None = None, *args: Any, **kwargs: Any
-    ) -> GenerateDecoderOnlyOutput | torch.LongTensor:
-        """As :meth:`DecodingMethod.generate`; every row (``num_return_sequences`` rows too) adapts to its context."""
-        if input_ids is not None:
-            limit = getattr(self.rm.model.config, "max_position_embeddings", None)
-            if limit is not None and input_ids.shape[1] > limit:
-                raise ValueError(f"the prompt has {input_ids.shape[1]} tokens; the model's context is {limit}")
-        return super().generate(input_ids, *args, **kwargs)
-
     def scorer(self, stream: ModelStream) -> _ReroutingScorer:
         return _ReroutingScorer(self, stream)
 
     def finish(self, scorer: _ReroutingScorer) -> None:
-        for idx in scorer.layers:  # δ lives for this call only
-            self.rm.layer(idx).row_offsets = None
+        for idx, row_offsets in scorer.saved.items():  # δ lives for this call only
+            self.rm.layer(idx).row_offsets = row_offsets
 
     def __repr__(self) -> str:
         c = self.config
@@ -130,8 +128,8 @@ def rerouting_generate(
     """Continuous rerouting as a ``custom_generate`` callable:
     ``model.generate(**inputs, custom_generate=reroute.rerouting_generate, interval=128, steps=5, lr=0.05)``.
 
-    ``rerouter_config`` replaces the separate hyperparameters; pass a streamer as ``token_streamer=`` (see
-    :mod:`reroute.generation`). The model is attached if it is not yet.
+    ``rerouter_config`` replaces the separate hyperparameters; a streamer works as ``streamer=`` or
+    ``token_streamer=`` (see :mod:`reroute.generation`). The model is attached if it is not yet.
     """
     config = rerouter_config or RerouterConfig(interval=interval, steps=steps, lr=lr, layers=layers)
     return Rerouter(attach(model), config).decoding_method(

@@ -106,6 +106,9 @@ class LayerRouting:
         policy: routing policy or ``None`` (the family's own top-k); ``policy_rows`` (bool ``[B]``) limits it to rows.
         mask: expert mask or ``None``.
         mixing: C3PO re-mixing state or ``None``.
+        exact_mixing_gradient: back-propagate the exact gradient of the re-mixed routing to the mixing logits
+            (``False``, the default: the straight-through estimate of :meth:`_core_gradient_slots`, which reaches
+            every core expert). Only differs where the family renormalises the selected weights.
         kernels: route with the Triton routing kernel (``reroute.kernels.routing``) where it applies: on CUDA (or
             under Triton's interpreter), no gradient wanted, a rule the kernel expresses. Same result as the
             PyTorch path (ties aside); set by ``attach``.
@@ -136,6 +139,7 @@ class LayerRouting:
         self.policy_rows: torch.Tensor | None = None
         self._mask: ExpertMask | None = None
         self.mixing: Mixing | None = None
+        self.exact_mixing_gradient = False
         self.kernels = False
 
     # policy and mask are read by the eager path as Python objects and by the compiled path from ``graph``'s
@@ -235,6 +239,8 @@ class LayerRouting:
         spec = kernel.spec_for(self.rule, self.router)
         if spec is None:
             return None
+        if self.policy is not None and self.policy.rank is not None and self.policy.renormalize is False:
+            return None  # the kernel's rank-k weight is the scaling factor; the raw p_k needs the PyTorch path
         num_tokens = logits.shape[0]
         rows = 1
         if (
@@ -318,7 +324,8 @@ class LayerRouting:
         """Straight-through slots so that every core expert's mixing logit gets a gradient.
 
         Where the family renormalises the selected weights, the softmax normaliser over the core cancels and the
-        exact gradient reaches only the selected experts. We append the core experts with weight
+        exact gradient reaches only the selected experts (``exact_mixing_gradient=True`` keeps that exact gradient:
+        autograd through the forward as it is, no extra slots). We append the core experts with weight
         ``omega - omega.detach()``: zero in the forward (outputs unchanged bit for bit), and in the backward the
         gradient of a dense mixture of the core. Costs C extra expert slots per token of this layer while
         gradients are being taken.
@@ -355,6 +362,7 @@ class LayerRouting:
             and torch.is_grad_enabled()
             and self.mixing.logits.requires_grad
             and self.rule.renormalizes(router)
+            and not self.exact_mixing_gradient
         ):
             weights, indices = self._core_gradient_slots(weights, indices, mixed_tokens, core, omega)
         return weights, indices

@@ -7,7 +7,8 @@ bias, group limits) and its weight rule (renormalisation, scaling):
 * ``RoutingPolicy(top_p=p, max_experts=m)`` — dynamic routing ("Harder Tasks Need More Experts", §3): per token,
   the shortest prefix of experts sorted by score whose normalised mass reaches ``p`` (at least one, at most ``m``).
 * ``RoutingPolicy(rank=r)`` — only the r-th ranked expert, weight 1 (times the family's scaling factor): SCMoE's
-  weak routing for Mixtral is ``rank=2``.
+  weak routing for Mixtral is ``rank=2``. ``RoutingPolicy(rank=r, renormalize=False)`` keeps the expert's raw
+  routing probability ``p_r`` instead (times the scaling factor), as SCMoE's released DeepSeekMoE code does.
 * ``ExpertMask(banned=..., forced=...)`` — experts that may never / must always be selected.
 
 Variable-width selections (top-p) are padded to a fixed width with zero-weight duplicates of the top expert,
@@ -34,8 +35,9 @@ class RoutingPolicy:
         top_k: experts per token (default: the family's own top-k).
         top_p: dynamic routing threshold in (0, 1].
         max_experts: cap on the experts chosen by ``top_p`` (default: all).
-        rank: 1-based rank of the single expert to use (weight 1).
-        renormalize: renormalise the selected weights (``None``: as the family does).
+        rank: 1-based rank of the single expert to use (weight 1; its raw probability with ``renormalize=False``).
+        renormalize: renormalise the selected weights (``None``: as the family does; a single rank-k expert is
+            renormalised to 1 unless this is ``False``).
     """
 
     top_k: int | None = None
@@ -136,7 +138,10 @@ def select(
     num_experts = scores.shape[-1]
     if policy.rank is not None:
         indices = torch.topk(choice, policy.rank, dim=-1).indices[:, -1:]
-        weights = torch.ones_like(indices, dtype=torch.float32) * rule.scaling(router)
+        if policy.renormalize is False:  # the raw probability p_k (SCMoE's DeepSeekMoE code)
+            weights = rule.finalize(router, scores, indices, renormalize=False)
+        else:
+            weights = torch.ones_like(indices, dtype=torch.float32) * rule.scaling(router)
     elif policy.top_p is not None:
         width = policy.width(num_experts, router.top_k)
         ranked, indices = torch.topk(choice, width, dim=-1)

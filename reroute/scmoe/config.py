@@ -18,8 +18,10 @@ def parse_weak(weak: str | RoutingPolicy) -> tuple[RoutingPolicy, bool]:
 
     * ``"rank<k>"`` (or ``"rank-<k>"``): only the k-th ranked expert, weight 1 — paper Eq. 4; ``"rank2"`` is its
       Mixtral setting (§3.2).
-    * ``"top<k>"``: the top-k experts with their raw routing weights, no renormalisation — the paper's
-      DeepSeekMoE setting (App. C; shared experts stay on since they are outside the router).
+    * ``"top<k>"``: the top-k experts weighted by the family's own rule — renormalised on Mixtral (the authors'
+      Mixtral code renormalises the weak top-k' weights), raw on DeepSeekMoE-style ``norm_topk_prob=False``
+      layers, the paper's DeepSeekMoE setting (App. C; shared experts stay on since they are outside the router).
+      ``RoutingPolicy(top_k=k, renormalize=False)`` forces raw weights.
     * ``"random1"``: one expert drawn uniformly per token, weight 1 (§4.1 "random-1").
     * a :class:`RoutingPolicy`, used as given.
     """
@@ -36,7 +38,7 @@ def parse_weak(weak: str | RoutingPolicy) -> tuple[RoutingPolicy, bool]:
     if kind == "rank":
         return RoutingPolicy(rank=k), False
     if kind == "top":
-        return RoutingPolicy(top_k=k, renormalize=False), False
+        return RoutingPolicy(top_k=k), False
     if k != 1:
         raise ValueError(f"weak routing {weak!r}: only random1 (one random expert per token) is defined")
     return RoutingPolicy(rank=1), True
@@ -74,6 +76,13 @@ class SCMoEConfig:
     seed: int | None = field(
         default=None, metadata={"help": "seed of random1's expert draws (None: drawn from torch's global RNG)"}
     )
+    allow_eos: bool = field(
+        default=True,
+        metadata={
+            "help": "False: EOS gets -inf in the contrast, as the authors' code without --early_stop (generation "
+            "then runs to max_new_tokens)"
+        },
+    )
 
     def __post_init__(self) -> None:
         if isinstance(self.beta, bool) or not isinstance(self.beta, (int, float)):
@@ -101,6 +110,8 @@ class SCMoEConfig:
             raise ValueError(f"design must be one of {DESIGNS}, got {self.design!r}")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
             raise TypeError(f"seed must be an integer or None, got {self.seed!r}")
+        if not isinstance(self.allow_eos, bool):
+            raise TypeError(f"allow_eos must be True or False, got {self.allow_eos!r}")
 
     def to_dict(self) -> dict[str, object]:
         """JSON-ready fields (a policy as its dict); ``SCMoEConfig(**config.to_dict())`` is the same config."""
@@ -112,4 +123,5 @@ class SCMoEConfig:
             "layers": None if self.layers is None else list(self.layers),
             "design": self.design,
             "seed": self.seed,
+            "allow_eos": self.allow_eos,
         }

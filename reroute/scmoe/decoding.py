@@ -20,8 +20,10 @@ Two designs compute the two logits per step (``SCMoEConfig.design``):
 ``benchmarks/bench_scmoe.py`` measures both. On CPU the one-batch design costs about 1.2-1.4x greedy's decode
 time per token against 1.5-2.4x for two passes (batch 1 and 8, tiny and testbed-sized OLMoE), so it is the default.
 
-Unlike the official code, EOS is not forced to ``-inf``: generation stops at EOS (per row) and ``max_new_tokens``
-exactly as ``generate()`` does.
+Unlike the official code, EOS is not forced to ``-inf`` by default: generation stops at EOS (per row) and
+``max_new_tokens`` exactly as ``generate()`` does. ``allow_eos=False`` reproduces the official code (EOS always
+``-inf`` unless its ``--early_stop``); where EOS was a row's only plausible token, that row then takes the strong
+logits' most likely token other than EOS (the official greedy loop would take token id 0).
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from transformers.generation.logits_process import LogitsProcessorList
 from transformers.generation.stopping_criteria import StoppingCriteriaList
 
 from reroute.attach import RoutedModel, attach
-from reroute.generation import DecodingMethod, ModelStream
+from reroute.generation import DecodingMethod, ModelStream, check_prompt
 from reroute.routing.policy import RoutingPolicy
 from reroute.scmoe.config import SCMoEConfig
 from reroute.scmoe.weak import RandomExperts, WeakRouting
@@ -47,6 +49,15 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel
     from transformers.generation.streamers import BaseStreamer
     from transformers.generation.utils import GenerateDecoderOnlyOutput
+
+
+def suppress_tokens(contrast: torch.Tensor, strong: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """``contrast [B, V]`` with ``tokens`` (long ``[n]``) at ``-inf`` (the official code's EOS ban). A row left
+    with no finite logit falls back to ``strong`` with the same tokens banned, so it never decodes from ``-inf``."""
+    contrast = contrast.index_fill(-1, tokens, float("-inf"))
+    empty = torch.isinf(contrast).all(dim=-1, keepdim=True)
+    fallback = strong.float().index_fill(-1, tokens, float("-inf"))
+    return torch.where(empty, fallback, contrast)
 
 
 def self_contrast(strong: torch.Tensor, weak: torch.Tensor, beta: float, alpha: float) -> torch.Tensor:
@@ -67,19 +78,24 @@ class _Contrast:
 
     cache = None  # the strong and weak caches together describe the rows; generate() gets neither
 
-    def __init__(self, method: SCMoE) -> None:
+    def __init__(self, method: SCMoE, generation_config: GenerationConfig) -> None:
         self.rm, self.weak, self.config = method.rm, method.weak, method.config
         self.draws = method.new_draws()
+        eos = generation_config._eos_token_tensor if not self.config.allow_eos else None
+        self.banned = None if eos is None else eos.reshape(-1)
 
     def contrast(self, strong: torch.Tensor, weak: torch.Tensor) -> torch.Tensor:
-        return self_contrast(strong, weak, self.config.beta, self.config.alpha)
+        contrast = self_contrast(strong, weak, self.config.beta, self.config.alpha)
+        if self.banned is not None:
+            contrast = suppress_tokens(contrast, strong, self.banned.to(contrast.device))
+        return contrast
 
 
 class _TwoPass(_Contrast):
     """Strong and weak passes as two streams with two KV caches (the official implementation's layout)."""
 
     def __init__(self, method: SCMoE, stream: ModelStream) -> None:
-        super().__init__(method)
+        super().__init__(method, stream.generation_config)
         self.strong, self.weak_stream = stream, stream.fork()
 
     def _weak(self, run: Callable[[torch.LongTensor], torch.Tensor], input_ids: torch.LongTensor) -> torch.Tensor:
@@ -99,7 +115,7 @@ class _OneBatch(_Contrast):
     """Strong row ``2b`` and weak row ``2b + 1`` of every row ``b`` in one forward (one KV cache of 2B rows)."""
 
     def __init__(self, method: SCMoE, stream: ModelStream) -> None:
-        super().__init__(method)
+        super().__init__(method, stream.generation_config)
         try:
             self.stream = stream.expand(2)
         except ValueError as exc:
@@ -144,19 +160,40 @@ class SCMoE(DecodingMethod):
         routings."""
         return RandomExperts(self.rm, self.weak.layers, self.config.seed) if self.weak.random else None
 
-    def contrasted_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Teacher-forced contrast of a padded batch ``[B, T]``: the next-token logits ``[B, T - 1, V]`` after each
-        position, from a strong and a weak forward of the whole rows (``-inf`` outside the plausible set). What
-        scoring a given continuation (multiple choice, log-likelihood) needs; no gradient."""
-        rows = input_ids.shape[0]
+    def _teacher_forced(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Strong and weak next-token logits ``[B, T - 1, V]`` of a padded batch ``[B, T]``, no gradient."""
+        check_prompt(self.rm.model, input_ids)
         with torch.no_grad():
             strong = padded_logits(self.rm.model, input_ids, attention_mask)[:, :-1]
-            with self.weak.applied(self.rm, rows, draws=self.new_draws()):
+            with self.weak.applied(self.rm, input_ids.shape[0], draws=self.new_draws()):
                 weak = padded_logits(self.rm.model, input_ids, attention_mask)[:, :-1]
-        vocab = strong.shape[-1]
+        return strong.float(), weak.float()
+
+    def contrasted_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Teacher-forced contrast of a padded batch ``[B, T]``: the next-token logits ``[B, T - 1, V]`` after each
+        position, from a strong and a weak forward of the whole rows (``-inf`` outside the plausible set); no
+        gradient. To score given continuations use :meth:`scoring_logprobs`, which is finite everywhere."""
+        strong, weak = self._teacher_forced(input_ids, attention_mask)
+        rows, vocab = strong.shape[0], strong.shape[-1]
         beta, alpha = self.config.beta, self.config.alpha
         contrast = self_contrast(strong.reshape(-1, vocab), weak.reshape(-1, vocab), beta, alpha)
         return contrast.view(rows, -1, vocab)
+
+    def scoring_logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Log-probabilities ``[B, T - 1, V]`` for scoring given continuations (multiple choice, log-likelihood) of
+        a padded batch ``[B, T]``: the log-softmax of the contrast where a token is plausible, the strong
+        log-probability where it is not (the contrastive-decoding literature's scoring rule). Finite everywhere,
+        so a choice with an implausible token scores low instead of ``-inf`` and choices are never ranked by
+        ``-inf`` (with ``-inf`` scores every choice ties and arg-max picks the first)."""
+        strong, weak = self._teacher_forced(input_ids, attention_mask)
+        rows, vocab = strong.shape[0], strong.shape[-1]
+        beta, alpha = self.config.beta, self.config.alpha
+        contrast = self_contrast(strong.reshape(-1, vocab), weak.reshape(-1, vocab), beta, alpha).view(rows, -1, vocab)
+        return torch.where(
+            torch.isfinite(contrast), torch.log_softmax(contrast, dim=-1), torch.log_softmax(strong, dim=-1)
+        )
 
     def __repr__(self) -> str:
         c = self.config
@@ -176,6 +213,7 @@ def scmoe_generate(
     layers: Sequence[int] | None = None,
     design: str = "one-batch",
     seed: int | None = None,
+    allow_eos: bool = True,
     scmoe_config: SCMoEConfig | None = None,
     token_streamer: BaseStreamer | None = None,
     **model_kwargs: Any,
@@ -184,13 +222,15 @@ def scmoe_generate(
     ``model.generate(**inputs, custom_generate=reroute.scmoe_generate, beta=0.5, alpha=0.1, weak="rank2")``.
 
     ``generate()`` forwards the keyword arguments this function declares beyond its standard decoding-method
-    signature (``beta``, ``alpha``, ``weak``, ``layers``, ``design``, ``seed``, ``scmoe_config``, ``token_streamer``;
-    transformers 5.17 and 5.24 alike); ``scmoe_config`` replaces the separate hyperparameters. Pass a streamer as
-    ``token_streamer=``: ``generate()``'s own ``streamer=`` never reaches a callable (see
-    :mod:`reroute.generation`). The model is attached with :func:`reroute.attach` if it is not yet, and stays
-    attached (with no routing state it computes exactly what the original model does).
+    signature (``beta``, ``alpha``, ``weak``, ``layers``, ``design``, ``seed``, ``allow_eos``, ``scmoe_config``,
+    ``token_streamer``; transformers 5.17 to 5.25); ``scmoe_config`` replaces the separate hyperparameters. A
+    streamer works as ``streamer=`` or ``token_streamer=`` (see :mod:`reroute.generation`). The model is attached
+    with :func:`reroute.attach` if it is not yet, and stays attached (with no routing state it computes exactly
+    what the original model does).
     """
-    config = scmoe_config or SCMoEConfig(beta=beta, alpha=alpha, weak=weak, layers=layers, design=design, seed=seed)
+    config = scmoe_config or SCMoEConfig(
+        beta=beta, alpha=alpha, weak=weak, layers=layers, design=design, seed=seed, allow_eos=allow_eos
+    )
     method = SCMoE(attach(model), config)
     return method.decoding_method(
         model,

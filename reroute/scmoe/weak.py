@@ -8,13 +8,14 @@ off again after each forward, restoring exactly what was set before. Everything 
 the weak pass as well: it is the same model, more weakly activated.
 
 random-1 (paper §4.1, one uniformly drawn expert per token with weight 1) is built from public routing state:
-``RoutingPolicy(rank=1)`` on the weak rows plus per-row router-logit offsets, redrawn before every forward, of
-``+RANDOM_OFFSET`` on the drawn expert and ``-RANDOM_OFFSET`` on the others. The routing scores are then exactly
-one-hot in float32 (softmax and sigmoid alike), so the drawn expert is the first choice unless the family's choice
-ranking outranks a score of 1 (a large score-correction bias) or a mask forbids it; :class:`RandomExperts` checks
-this per layer and draws only among the experts the layer's mask allows. A decode step has one token per row, so
-the draw is per token; in the prefill the prompt tokens of a row share one draw per layer (per-row state cannot
-vary along the sequence).
+``RoutingPolicy(rank=1)`` on the weak rows plus router-logit offsets, drawn afresh for every token of every forward
+(prompt tokens included, as the authors' code draws per token), of ``+RANDOM_OFFSET`` on the drawn expert and
+``-RANDOM_OFFSET`` on the others. The routing scores are then exactly one-hot in float32 (softmax and sigmoid
+alike), so the drawn expert is the first choice unless the family's choice ranking outranks a score of 1 (a large
+score-correction bias) or a mask forbids it; :class:`RandomExperts` checks this per layer and draws only among the
+experts the layer's mask allows. The per-token offsets are added to the router logits by a wrapper of the layer's
+routing rule (:class:`DrawnOffsets`), installed for one forward: the recorded trace shows them, and such a layer
+routes on the PyTorch path.
 """
 
 from __future__ import annotations
@@ -26,8 +27,9 @@ from dataclasses import dataclass
 
 import torch
 
+from reroute.arch.rules import RoutingRule
 from reroute.attach import RoutedModel
-from reroute.routing.layer import LayerRouting, expand_rows
+from reroute.routing.layer import LayerRouting
 from reroute.routing.policy import RoutingPolicy, apply_mask
 from reroute.scmoe.config import parse_weak
 
@@ -105,8 +107,8 @@ class WeakRouting:
         self, rm: RoutedModel, num_rows: int, rows: torch.Tensor | None = None, draws: RandomExperts | None = None
     ) -> Iterator[None]:
         """Inside the block, the next forward of ``num_rows`` rows routes weakly on ``self.layers`` — every row, or
-        only where the bool mask ``rows [num_rows]`` is set. The layers' policies and per-row offsets are restored
-        on exit. random-1 needs ``draws``.
+        only where the bool mask ``rows [num_rows]`` is set. The layers' policies, per-row offsets and rules are
+        restored on exit. random-1 needs ``draws``.
         """
         selected = [rm.layer(idx) for idx in self.layers]
         saved = [(layer.policy, layer.policy_rows, layer.row_offsets) for layer in selected]
@@ -120,11 +122,14 @@ class WeakRouting:
         try:
             rm.set_policy(self.policy, layers=list(self.layers), rows=rows)
             if self.random:
-                rm.set_row_offsets(draws.offsets(selected, [row_offsets for *_, row_offsets in saved], num_rows, rows))
+                for layer in selected:
+                    layer.rule = DrawnOffsets(layer, draws, rows)
             yield
         finally:
             for layer, (policy, policy_rows, row_offsets) in zip(selected, saved):
                 layer.policy, layer.policy_rows, layer.row_offsets = policy, policy_rows, row_offsets
+                if isinstance(layer.rule, DrawnOffsets):
+                    layer.rule = layer.rule.base
 
 
 class RandomExperts:
@@ -145,30 +150,64 @@ class RandomExperts:
         self.generator = torch.Generator().manual_seed(seed)
         self.candidates = {idx: _forceable_experts(rm.layer(idx)) for idx in layers}
 
-    def offsets(
+    def draw(self, layer_idx: int, count: int, seq: int) -> torch.Tensor:
+        """Experts ``[count, seq]`` (long, CPU) drawn uniformly among the layer's candidates, one per token."""
+        candidates = self.candidates[layer_idx]
+        return candidates[torch.randint(len(candidates), (count, seq), generator=self.generator)]
+
+
+class DrawnOffsets(RoutingRule):
+    """A layer's routing rule with random-1's per-token offsets added to its router logits.
+
+    On every call (one per forward of the layer) each weak row's tokens get ``+RANDOM_OFFSET`` on a freshly drawn
+    expert and ``-RANDOM_OFFSET`` on the others; other rows' logits are left exactly as they are. Draws go layer by
+    layer in forward order, weak rows in order, tokens in order, so both designs draw the same experts.
+
+    Args:
+        layer: the weak layer (for the batch layout of the current forward).
+        draws: the call's :class:`RandomExperts`.
+        rows: bool ``[B]`` weak rows of the forward (``None``: every row).
+    """
+
+    def __init__(self, layer: LayerRouting, draws: RandomExperts, rows: torch.Tensor | None) -> None:
+        self.base, self.layer, self.draws = layer.rule, layer, draws
+        self.rows = None if rows is None else rows.cpu()
+
+    def logits(self, router: torch.nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+        logits = self.base.logits(router, hidden_states)
+        batch, seq = self.layer.batch_shape(logits.shape[0])
+        weak_rows = torch.ones(batch, dtype=torch.bool) if self.rows is None else self.rows
+        drawn = self.draws.draw(self.layer.layer_idx, int(weak_rows.sum()), seq)
+        offsets = torch.zeros(batch, seq, logits.shape[-1])
+        offsets[weak_rows] = (2.0 * torch.nn.functional.one_hot(drawn, logits.shape[-1]).float() - 1.0) * RANDOM_OFFSET
+        return logits + offsets.view(batch * seq, -1).to(device=logits.device, dtype=logits.dtype)
+
+    def route(
+        self, router: torch.nn.Module, logits: torch.Tensor, input_dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.base.route(router, logits, input_dtype)
+
+    def scores(self, router: torch.nn.Module, logits: torch.Tensor) -> torch.Tensor:
+        return self.base.scores(router, logits)
+
+    def choice(self, router: torch.nn.Module, scores: torch.Tensor) -> torch.Tensor:
+        return self.base.choice(router, scores)
+
+    def renormalizes(self, router: torch.nn.Module) -> bool:
+        return self.base.renormalizes(router)
+
+    def scaling(self, router: torch.nn.Module) -> float:
+        return self.base.scaling(router)
+
+    def finalize(
         self,
-        selected: list[LayerRouting],
-        existing: list[torch.Tensor | None],
-        num_rows: int,
-        rows: torch.Tensor | None,
-    ) -> dict[int, torch.Tensor]:
-        """Per layer ``[num_rows, E]``: the existing per-row offsets, plus on each weak row ``+RANDOM_OFFSET`` on a
-        drawn expert and ``-RANDOM_OFFSET`` on the others. Rows are drawn in order, layer by layer, so both
-        designs draw the same experts."""
-        weak_rows = torch.ones(num_rows, dtype=torch.bool) if rows is None else rows.cpu()
-        count = int(weak_rows.sum())
-        offsets = {}
-        for layer, previous in zip(selected, existing):
-            candidates = self.candidates[layer.layer_idx]
-            drawn = candidates[torch.randint(len(candidates), (count,), generator=self.generator)]
-            signs = 2.0 * torch.nn.functional.one_hot(drawn, layer.num_experts).float() - 1.0
-            value = torch.zeros(num_rows, layer.num_experts)
-            value[weak_rows] = signs * RANDOM_OFFSET
-            value = value.to(layer.device)
-            if previous is not None:
-                value = value + expand_rows(previous, num_rows, "row offsets").to(value.dtype)
-            offsets[layer.layer_idx] = value
-        return offsets
+        router: torch.nn.Module,
+        scores: torch.Tensor,
+        indices: torch.Tensor,
+        renormalize: bool | None = None,
+        keep: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        return self.base.finalize(router, scores, indices, renormalize=renormalize, keep=keep)
 
 
 def _forceable_experts(layer: LayerRouting) -> torch.Tensor:
