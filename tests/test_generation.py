@@ -213,8 +213,8 @@ def test_misuse_is_a_clear_error(padded):
         stream.fork()
     with pytest.raises(RuntimeError, match="before its prefill"):
         stream.prefill(ids)
-    with pytest.raises(ValueError, match="StaticCache"):
-        _stream(model, ids, cache_implementation="static").expand(2)
+    doubled = _stream(model, ids, cache_implementation="static").expand(2)  # allocates itself at the prefill
+    assert doubled.prefill(ids.repeat_interleave(2, dim=0)).shape[0] == 2 * ids.shape[0]
     with pytest.raises(ValueError, match="beam search"):
         model.generate(ids, max_new_tokens=2, num_beams=2, custom_generate=plain)
     with pytest.raises(ValueError, match="attentions"):

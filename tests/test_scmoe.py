@@ -371,14 +371,13 @@ def test_strong_routing_is_the_models_current_state_and_state_is_restored(design
     assert all(a[0] is b[0] and a[1] is b[1] and a[2] is b[2] and a[3] is b[3] for a, b in zip(after, before))
 
 
-def test_static_cache_needs_the_two_pass_design():
+def test_static_cache_serves_both_designs():
     rm = reroute.attach(contrast_model("olmoe"))
     inputs = prompts()
     expected = SCMoE(rm).generate(**inputs, max_new_tokens=5)
-    static = SCMoE(rm, design="two-pass").generate(**inputs, max_new_tokens=5, cache_implementation="static")
-    assert torch.equal(static, expected)
-    with pytest.raises(ValueError, match="design='two-pass'"):
-        SCMoE(rm).generate(**inputs, max_new_tokens=5, cache_implementation="static")
+    for design in ("one-batch", "two-pass"):
+        static = SCMoE(rm, design=design).generate(**inputs, max_new_tokens=5, cache_implementation="static")
+        assert torch.equal(static, expected), design
 
 
 def test_user_policy_needs_the_two_pass_design():

@@ -141,11 +141,12 @@ def route(
             if layer.policy_rows is None
             else layer._token_rows(layer.policy_rows[:, None], num_tokens, "policy rows")[:, 0]
         )
-    count, rank, renorm = graph.policy_ints.unbind()
+    count, rank, renorm_code = graph.policy_ints.unbind()
     count = torch.where(on, count, layer.top_k)
     rank = torch.where(on, rank, 0)
     top_p = torch.where(on, graph.policy_top_p, TOP_P_OFF)
-    renorm = torch.where(on & (renorm >= 0), renorm == 1, family_renorm)
+    renorm = torch.where(on & (renorm_code >= 0), renorm_code == 1, family_renorm)
+    raw_rank = on & (renorm_code == 0)  # RoutingPolicy(rank=r, renormalize=False): the expert's raw p_r
 
     gathered = scores.gather(1, selected)
     mass = gathered.masked_fill(blocked, 0.0) / scores.sum(dim=-1, keepdim=True)
@@ -160,7 +161,8 @@ def route(
     is_rank = (rank > 0)[:, None]
     pick = (rank - 1).clamp(min=0)[:, None]
     rank_ok = ~blocked.gather(1, pick)
-    rank_w = torch.where(slot == 0, rank_ok * scale, 0.0)
+    rank_p = torch.where(raw_rank[:, None], gathered.gather(1, pick), 1.0)
+    rank_w = torch.where(slot == 0, rank_ok * rank_p * scale, 0.0)
     generic_w = torch.where(is_rank, rank_w, generic_w)
     keep = torch.where(is_rank, slot == 0, keep)
     selected = torch.where(is_rank, selected.gather(1, pick).expand(-1, width), selected)
@@ -174,6 +176,12 @@ def route(
     weights, indices = _pad(weights, indices, width)
     weights = torch.where(generic[:, None], generic_w.to(weights.dtype), weights)
     indices = torch.where(generic[:, None], selected.to(indices.dtype), indices)
-    if omega is not None and torch.is_grad_enabled() and mixing.logits.requires_grad and rule.renormalizes(router):
+    if (
+        omega is not None
+        and torch.is_grad_enabled()
+        and mixing.logits.requires_grad
+        and rule.renormalizes(router)
+        and not layer.exact_mixing_gradient
+    ):
         weights, indices = layer._core_gradient_slots(weights, indices, mixed, core, omega)
     return logits, weights, indices

@@ -13,9 +13,12 @@ Two designs compute the two logits per step (``SCMoEConfig.design``):
 
 * ``"one-batch"`` (default): every row runs twice in one forward of ``2B`` rows — row ``2b`` strong, row
   ``2b + 1`` weak (the ``repeat_interleave`` layout, so per-row routing state set for ``B`` rows lines up) — with
-  the weak policy on the odd rows only. One KV cache of ``2B`` rows, one forward per step.
+  the weak policy on the odd rows only. One KV cache of ``2B`` rows (a static cache too: it allocates itself for
+  ``2B`` rows at the prefill), one forward per step.
 * ``"two-pass"``: two streams with two KV caches and two forwards per step, as the official implementation. It
-  also works with static caches, and keeps a layer policy the user set for the strong pass.
+  keeps a layer policy the user set for the strong pass.
+
+With ``cache_implementation="static"`` both designs decode with the compiled step, as ``generate()`` does.
 
 ``benchmarks/bench_scmoe.py`` measures both. On CPU the one-batch design costs about 1.2-1.4x greedy's decode
 time per token against 1.5-2.4x for two passes (batch 1 and 8, tiny and testbed-sized OLMoE), so it is the default.
