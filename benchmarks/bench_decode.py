@@ -125,6 +125,7 @@ def main() -> None:
     parser.add_argument("--state-changes", type=int, default=100)
     parser.add_argument("--variants", nargs="+", help="only these variants (default: all)")
     parser.add_argument("--json", help="write the results here (rewritten after every batch)")
+    parser.add_argument("--profile", help="write a kernel-time profile of each variant's warm decode here (a text file)")
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
     device = args.device
@@ -268,6 +269,19 @@ def main() -> None:
                     print(f"batch {batch} {name}: warm-up {elapsed:.1f} s", flush=True)
                 else:
                     times[name].append(elapsed)
+
+        if args.profile:
+            with open(args.profile, "a") as handle:
+                for name, fn in runs.items():
+                    if name in errors:
+                        continue
+                    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                        with torch.no_grad():
+                            fn()
+                        if cuda:
+                            torch.cuda.synchronize()
+                    table = prof.key_averages().table(sort_by="self_device_time_total", row_limit=12)
+                    handle.write(f"=== batch {batch} {name}\n{table}\n")
 
         # recompilations across routing-state changes of the compiled attached model, after its warm-up above
         rm = attached()
