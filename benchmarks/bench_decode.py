@@ -125,7 +125,7 @@ def main() -> None:
     parser.add_argument("--state-changes", type=int, default=100)
     parser.add_argument("--variants", nargs="+", help="only these variants (default: all)")
     parser.add_argument("--json", help="write the results here (rewritten after every batch)")
-    parser.add_argument("--profile", help="write a kernel-time profile of each variant's warm decode here (a text file)")
+    parser.add_argument("--profile", help="append a kernel-time table of each warm variant to this text file")
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
     device = args.device
