@@ -275,12 +275,15 @@ def main() -> None:
                 for name, fn in runs.items():
                     if name in errors:
                         continue
-                    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                    activity = torch.profiler.ProfilerActivity.CUDA if cuda else torch.profiler.ProfilerActivity.CPU
+                    with torch.profiler.profile(activities=[activity]) as prof:
                         with torch.no_grad():
                             fn()
                         if cuda:
                             torch.cuda.synchronize()
-                    table = prof.key_averages().table(sort_by="self_device_time_total", row_limit=12)
+                    table = prof.key_averages().table(
+                        sort_by="self_device_time_total" if cuda else "self_cpu_time_total", row_limit=12
+                    )
                     handle.write(f"=== batch {batch} {name}\n{table}\n")
 
         # recompilations across routing-state changes of the compiled attached model, after its warm-up above
