@@ -126,6 +126,7 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", help="only these variants (default: all)")
     parser.add_argument("--json", help="write the results here (rewritten after every batch)")
     parser.add_argument("--profile", help="append a kernel-time table of each warm variant to this text file")
+    parser.add_argument("--profile-variants", nargs="+", help="profile only these variants (default: all)")
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
     device = args.device
@@ -273,7 +274,7 @@ def main() -> None:
         if args.profile:
             with open(args.profile, "a") as handle:
                 for name, fn in runs.items():
-                    if name in errors:
+                    if name in errors or (args.profile_variants and name not in args.profile_variants):
                         continue
                     activity = torch.profiler.ProfilerActivity.CUDA if cuda else torch.profiler.ProfilerActivity.CPU
                     with torch.profiler.profile(activities=[activity]) as prof:
