@@ -293,9 +293,12 @@ def main() -> None:
         before = dict(counters["stats"])
         skips_before = sum(counters["inductor"].values()) if "inductor" in counters else 0
         generator = torch.Generator().manual_seed(0)
-        for change in range(args.state_changes if "reroute_compiled_mask" in runs else 0):
+        # only kinds of state whose graph was warmed up above (a first mask or policy compiles once, by design)
+        kinds = [0] + [1] * ("reroute_compiled_top4" in runs) + [2] * ("reroute_compiled_mask" in runs)
+        changes = args.state_changes if "reroute_compiled_offsets" in runs else 0
+        for change in range(changes):
             rm.reset()
-            kind = change % 3
+            kind = kinds[change % len(kinds)]
             if kind == 0:
                 rm.set_offsets({i: torch.randn(num_experts, generator=generator).to(device) for i in experts_layers})
             elif kind == 1:
@@ -334,7 +337,8 @@ def main() -> None:
             "limit_tok_s": limit_tok_s,
         }
         results.setdefault("recompiles_after_warmup", {})[str(batch)] = {
-            "state_changes": args.state_changes if "reroute_compiled_mask" in runs else 0,
+            "state_changes": changes,
+            "kinds": sorted({("offsets", "policy", "mask")[k] for k in kinds}),
             "dynamo_new_graphs": recompiles,
             "inductor_counter_delta": (sum(counters["inductor"].values()) if "inductor" in counters else 0)
             - skips_before,
