@@ -9,13 +9,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from reroute.attach import RoutedModel
 from reroute.data import Item, gold_text
+
+if TYPE_CHECKING:
+    from reroute.attach import RoutedModel
 
 
 @dataclass
@@ -130,9 +132,54 @@ def prompt_batch(tokenizer: Any, prompts: Sequence[str]) -> ContinuationBatch:
     return build_batch([tokenizer(p)["input_ids"] for p in prompts], [[] for _ in prompts], _pad_id(tokenizer))
 
 
-def _pad_id(tokenizer: Any) -> int:
+def pad_id(tokenizer: Any) -> int:
+    """The id batches are padded with: the tokenizer's pad token, else its EOS token."""
     pad = tokenizer.pad_token_id
-    return int(pad if pad is not None else tokenizer.eos_token_id)
+    if pad is None:
+        pad = tokenizer.eos_token_id
+    if pad is None:
+        raise ValueError("the tokenizer has neither a pad nor an EOS token: set tokenizer.pad_token before scoring")
+    return int(pad)
+
+
+_pad_id = pad_id
+
+
+def check_tokenizer(tokenizer: Any, items: Sequence[Item], mode: str = "mc") -> None:
+    """Check, before anything runs, what scoring assumes of the tokenizer and the items; one clear error naming the
+    first item that breaks an assumption.
+
+    Assumptions: the tokenizer pads (a pad or EOS token); every prompt has tokens; tokenising ``prompt + choice``
+    keeps the prompt's tokens as a prefix (so a choice usually starts with a space, and a BOS the tokenizer adds
+    stays first) and leaves the choice at least one token of its own; multiple choice (``mode="mc"``): every item
+    has the same number of choices (items are scored in batches).
+    """
+    pad_id(tokenizer)
+    counts: dict[int, int] = {}
+    for position, item in enumerate(items):
+        prompt = tokenizer(item["prompt"])["input_ids"]
+        if len(prompt) == 0:
+            raise ValueError(f"item {position}: the tokenizer gives its prompt no tokens")
+        if mode == "mc":
+            if not item.get("choices"):
+                raise ValueError(f"item {position} has no choices for multiple choice: give choices, or use mode='gen'")
+            counts.setdefault(len(item["choices"]), position)
+            continuations = list(item["choices"])
+        else:
+            continuations = [gold_text(item)]
+        for choice in continuations:
+            try:
+                _, target = encode_pair(tokenizer, item["prompt"], choice)
+            except ValueError as exc:
+                raise ValueError(f"item {position}: {exc} (start choices with a space)") from exc
+            if not target:
+                raise ValueError(f"item {position}: {choice!r} adds no tokens after the prompt")
+    if len(counts) > 1:
+        (a, first), (b, second) = sorted(counts.items())[:2]
+        raise ValueError(
+            f"items have different numbers of choices (item {first}: {a}, item {second}: {b}); multiple-choice "
+            "batches need one count: evaluate them in separate runs"
+        )
 
 
 def score_with(

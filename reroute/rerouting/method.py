@@ -12,7 +12,9 @@ whole context under the new routing (``rebuild_cache=False`` keeps the stale cac
 
 from __future__ import annotations
 
-from dataclasses import replace
+import contextlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -22,13 +24,25 @@ from transformers.generation.stopping_criteria import StoppingCriteriaList
 from transformers.generation.utils import ALL_CACHE_NAMES
 
 from reroute.attach import RoutedModel, attach
+from reroute.data import Item
 from reroute.generation import DecodingMethod, ModelStream
+from reroute.methods import RoutingMethod, register_method, repeat_rows
 from reroute.rerouting.adapt import PhaseResult, RerouterConfig, adapt_phase, routing_confidence, select_layers
+from reroute.scoring import ContinuationBatch
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
     from transformers.generation.streamers import BaseStreamer
     from transformers.generation.utils import GenerateDecoderOnlyOutput
+
+
+@dataclass
+class RowOffsets:
+    """Rerouting's adapted state for a batch of contexts: the selected layers ``{layer: gradient weight}`` and δ
+    ``[rows, L_sel, E]`` (column ``j`` belongs to the ``j``-th selected layer)."""
+
+    layers: dict[int, float]
+    delta: torch.Tensor
 
 
 class _ReroutingScorer:
@@ -51,6 +65,12 @@ class _ReroutingScorer:
 
     def _phase(self, input_ids: torch.LongTensor) -> None:
         mask = self._mask(input_ids)
+        prefill = self.method._prefill
+        if self.delta is None and prefill is not None:  # the first phase was run before (RoutingMethod protocol)
+            self.layers, self.delta = dict(prefill.layers), prefill.delta.clone()
+            if self.layers:
+                self.rm.set_row_offsets({idx: self.delta[:, j] for j, idx in enumerate(self.layers)})
+            return
         if self.delta is None:  # the first phase of this prompt: choose layers, δ = 0
             confidence = routing_confidence(self.rm, input_ids, mask) if self.config.layers == "confidence" else None
             self.layers = select_layers(self.rm, self.config, confidence)
@@ -90,7 +110,7 @@ def _restart(stream: ModelStream) -> ModelStream:
     return ModelStream(stream.model, stream.generation_config, kwargs)
 
 
-class Rerouter(DecodingMethod):
+class Rerouter(DecodingMethod, RoutingMethod):
     """Continuous rerouting on an attached model.
 
     Args:
@@ -105,6 +125,7 @@ class Rerouter(DecodingMethod):
         self.config = replace(config, **overrides) if config is not None else RerouterConfig(**overrides)
         select_layers(rm, self.config, {i: 0.0 for i in rm.moe_layers})  # fail early on a bad layer list
         self.phases: list[PhaseResult] = []
+        self._prefill: RowOffsets | None = None
 
     def generate(
         self, input_ids: torch.LongTensor | None = None, *args: Any, **kwargs: Any
@@ -123,9 +144,79 @@ class Rerouter(DecodingMethod):
         for idx in scorer.layers:  # δ lives for this call only
             self.rm.layer(idx).row_offsets = None
 
+    # --------------------------------------------------------------------------------------------- protocol
+    @property
+    def batch_adapt(self) -> bool:
+        return self.config.layers != "confidence"  # confidence is measured over the whole batch
+
+    def _record(self, phases: Sequence[PhaseResult], rows: int) -> None:
+        for phase in phases:
+            self.add_stats(forward_passes=phase.forward_passes * rows, backward_passes=phase.backward_passes * rows)
+
+    def adapt_contexts(self, items: Sequence[Item], prompts: ContinuationBatch) -> RowOffsets:
+        """The first phase (the one at prefill) on each prompt; δ ``[B, L_sel, E]``."""
+        rows = prompts.input_ids.shape[0]
+        if self.config.steps == 0:
+            return RowOffsets({}, torch.zeros(rows, 0, self.rm.num_experts))
+        prompts = prompts.to(self.rm.model.device)
+        ids, mask = prompts.input_ids, prompts.attention_mask
+        confidence = routing_confidence(self.rm, ids, mask) if self.config.layers == "confidence" else None
+        layers = select_layers(self.rm, self.config, confidence)
+        delta = torch.zeros(rows, len(layers), self.rm.num_experts, device=self.rm.layer(next(iter(layers))).device)
+        try:
+            self._record([adapt_phase(self.rm, self.config, layers, delta, ids, mask)], rows)
+        finally:
+            for idx in layers:
+                self.rm.layer(idx).row_offsets = None
+        return RowOffsets(dict(layers), delta.detach())
+
+    def split_state(self, state: RowOffsets, rows: int) -> list[RowOffsets]:
+        return [RowOffsets(dict(state.layers), state.delta[i : i + 1].clone()) for i in range(rows)]
+
+    def stack_states(self, states: Sequence[RowOffsets]) -> RowOffsets:
+        """Rows over the union of their layers (a layer a row did not adapt gets zero offsets, i.e. its routing is
+        untouched); a layer's gradient weight is the mean over the rows that chose it."""
+        layers = sorted({idx for s in states for idx in s.layers})
+        template = states[0].delta
+        delta = torch.zeros(len(states), len(layers), template.shape[-1], dtype=template.dtype, device=template.device)
+        weights: dict[int, list[float]] = {idx: [] for idx in layers}
+        for row, state in enumerate(states):
+            for j, (idx, weight) in enumerate(state.layers.items()):
+                delta[row, layers.index(idx)] = state.delta[0, j]
+                weights[idx].append(weight)
+        return RowOffsets({idx: sum(w) / len(w) for idx, w in weights.items()}, delta)
+
+    @contextlib.contextmanager
+    def applied(self, state: RowOffsets | None, batch: ContinuationBatch) -> Iterator[None]:
+        if state is None or not state.layers:
+            yield
+            return
+        delta = state.delta.repeat_interleave(repeat_rows(state.delta.shape[0], batch.input_ids.shape[0]), dim=0)
+        self.rm.set_row_offsets({idx: delta[:, j].to(self.rm.layer(idx).device) for j, idx in enumerate(state.layers)})
+        try:
+            yield
+        finally:
+            for idx in state.layers:
+                self.rm.layer(idx).row_offsets = None
+
+    def generate_from(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, state: Any = None, **generate_kwargs: Any
+    ) -> Any:
+        """:meth:`generate` whose first phase is ``state`` (already adapted), when given."""
+        self._prefill = state
+        try:
+            out = self.generate(input_ids=input_ids, attention_mask=attention_mask, **generate_kwargs)
+        finally:
+            self._prefill = None
+        self._record(self.phases, input_ids.shape[0])
+        return out
+
     def __repr__(self) -> str:
         c = self.config
         return f"Rerouter(interval={c.interval}, steps={c.steps}, lr={c.lr}, layers={c.layers!r})"
+
+
+register_method("rerouting", RerouterConfig, Rerouter)
 
 
 def rerouting_generate(

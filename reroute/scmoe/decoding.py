@@ -38,10 +38,11 @@ from transformers.generation.stopping_criteria import StoppingCriteriaList
 
 from reroute.attach import RoutedModel, attach
 from reroute.generation import DecodingMethod, ModelStream
+from reroute.methods import RoutingMethod, register_method
 from reroute.routing.policy import RoutingPolicy
 from reroute.scmoe.config import SCMoEConfig
 from reroute.scmoe.weak import RandomExperts, WeakRouting
-from reroute.scoring import padded_logits
+from reroute.scoring import ContinuationBatch, padded_logits
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -119,7 +120,7 @@ class _OneBatch(_Contrast):
         return self._run(self.stream.step, input_ids)
 
 
-class SCMoE(DecodingMethod):
+class SCMoE(DecodingMethod, RoutingMethod):
     """Self-contrast decoding on an attached model.
 
     Args:
@@ -158,10 +159,22 @@ class SCMoE(DecodingMethod):
         contrast = self_contrast(strong.reshape(-1, vocab), weak.reshape(-1, vocab), beta, alpha)
         return contrast.view(rows, -1, vocab)
 
+    def next_token_logits(self, batch: ContinuationBatch, state: Any = None) -> torch.Tensor:
+        """The protocol's scoring: :meth:`contrasted_logits` (SCMoE adapts nothing, so ``state`` is ``None``)."""
+        return self.contrasted_logits(batch.input_ids, batch.attention_mask)
+
+    def generate_from(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, state: Any = None, **generate_kwargs: Any
+    ) -> Any:
+        return self.generate(input_ids=input_ids, attention_mask=attention_mask, **generate_kwargs)
+
     def __repr__(self) -> str:
         c = self.config
         layers = list(self.weak.layers)
         return f"SCMoE(beta={c.beta}, alpha={c.alpha}, weak={c.weak!r}, layers={layers}, design={c.design!r})"
+
+
+register_method("scmoe", SCMoEConfig, SCMoE)
 
 
 def scmoe_generate(
