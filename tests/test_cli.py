@@ -266,7 +266,7 @@ def test_eval_json_carries_provenance_and_the_paired_difference_to_base(tiny_fol
     data = _items_jsonl(tmp_path / "items.jsonl", 8, seed=0)
     out = tmp_path / "eval.json"
     argv = ["eval", "--model", str(tiny_folder), "--data", str(data), "--method", "base,scmoe,oracle", "--quiet"]
-    argv += ["--set", "scmoe.beta=0.0", "--set", "scmoe.weak=\"top1\"", "--set", "oracle.steps=3", "--json", str(out)]
+    argv += ["--set", "scmoe.beta=0.0", "--set", 'scmoe.weak="top1"', "--set", "oracle.steps=3", "--json", str(out)]
     assert main([*argv, "--device", "cpu", "--seed", "3"]) == 0
     base, scmoe, oracle = json.loads(out.read_text())
     provenance = scmoe["provenance"]
