@@ -118,18 +118,18 @@ def choice_batch(tokenizer: Any, items: Sequence[Item]) -> tuple[ContinuationBat
             context, cont = encode_pair(tokenizer, item["prompt"], choice)
             prompts.append(context)
             continuations.append(cont)
-    return build_batch(prompts, continuations, _pad_id(tokenizer)), counts.pop()
+    return build_batch(prompts, continuations, pad_id(tokenizer)), counts.pop()
 
 
 def gold_batch(tokenizer: Any, items: Sequence[Item]) -> ContinuationBatch:
     """One row per item: the prompt and its gold answer."""
     pairs = [encode_pair(tokenizer, item["prompt"], gold_text(item)) for item in items]
-    return build_batch([p for p, _ in pairs], [c for _, c in pairs], _pad_id(tokenizer))
+    return build_batch([p for p, _ in pairs], [c for _, c in pairs], pad_id(tokenizer))
 
 
 def prompt_batch(tokenizer: Any, prompts: Sequence[str]) -> ContinuationBatch:
     """Prompts only, left-padded: every last prompt token at column ``P - 1``."""
-    return build_batch([tokenizer(p)["input_ids"] for p in prompts], [[] for _ in prompts], _pad_id(tokenizer))
+    return build_batch([tokenizer(p)["input_ids"] for p in prompts], [[] for _ in prompts], pad_id(tokenizer))
 
 
 def pad_id(tokenizer: Any) -> int:
@@ -140,9 +140,6 @@ def pad_id(tokenizer: Any) -> int:
     if pad is None:
         raise ValueError("the tokenizer has neither a pad nor an EOS token: set tokenizer.pad_token before scoring")
     return int(pad)
-
-
-_pad_id = pad_id
 
 
 def check_tokenizer(tokenizer: Any, items: Sequence[Item], mode: str = "mc") -> None:
@@ -201,20 +198,21 @@ def generate_with(rm: RoutedModel, tokenizer: Any, items: Sequence[Item], max_ne
             attention_mask=batch.attention_mask,
             max_new_tokens=max_new_tokens,
             do_sample=False,
-            pad_token_id=_pad_id(tokenizer),
+            pad_token_id=pad_id(tokenizer),
         )
     return decode_continuations(tokenizer, out, batch.prompt_len)
 
 
-def _normalise(text: str) -> str:
+def normalise_answer(text: str) -> str:
+    """Whitespace-normalised text (runs of spaces, tabs and line breaks become one space; ends stripped)."""
     return " ".join(text.split())
 
 
-def _prediction(text: str) -> str:
+def predicted_answer(text: str) -> str:
     """The generated answer: text up to the first line break (as lm-eval's ``until: ["\\n"]``), normalised."""
-    return _normalise(text.strip().split("\n", 1)[0] if text.strip() else "")
+    return normalise_answer(text.strip().split("\n", 1)[0] if text.strip() else "")
 
 
 def answer_matches(text: str, answer: str) -> bool:
     """Exact match of a generated text against the gold answer (first line, whitespace-normalised)."""
-    return _prediction(text) == _normalise(answer)
+    return predicted_answer(text) == normalise_answer(answer)

@@ -151,6 +151,27 @@ def test_pretrained_folder_loads_like_hflm_and_attaches(tmp_path):
     assert scores["scmoe"] != pytest.approx(scores["base"], abs=1e-6)
 
 
+def test_index_testbed_refuses_another_model_and_touches_no_testbed_data(tmp_path, monkeypatch):
+    from reroute.testing import tiny_model, tiny_tokenizer
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    with pytest.raises(ValueError, match="for the testbed model only"):
+        rl.RoutedLM(tiny_model("olmoe"), tokenizer=tiny_tokenizer(), method="c3po", index="testbed")
+    assert not (tmp_path / ".cache").exists()
+
+
+def test_state_loads_a_save_pretrained_folder_with_per_row_state(testbed, tmp_path):
+    """``state=`` reads the documented save_pretrained folders, per-row policies and re-mixing included."""
+    model, tokenizer, rm = testbed
+    rm.set_policy(reroute.RoutingPolicy(top_k=2), layers=rm.moe_layers[-1], rows=[0])
+    rm.set_mixing(rm.moe_layers[0], experts=[0, 1, 2], positions=[[0]], logits=torch.tensor([[2.0, 0.0, -1.0]]))
+    rm.save_pretrained(tmp_path / "state")
+    rm.reset()
+    lm = rl.RoutedLM(model, tokenizer=tokenizer, state=str(tmp_path / "state"))
+    assert rm.layer(rm.moe_layers[-1]).policy_rows is not None and rm.layer(rm.moe_layers[0]).mixing is not None
+    assert lm.rm is rm
+
+
 def test_static_offsets_score_like_the_loaded_state(testbed, tmp_path):
     model, tokenizer, rm = testbed
     layer = rm.moe_layers[-1]

@@ -3,6 +3,7 @@ it on the model (:mod:`reroute.methods` holds the registry and the protocol ever
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -42,7 +43,25 @@ def make_method(name: str, options: Mapping[str, Any] | None = None, **kwargs: A
     return MethodSpec(name, config, resources)
 
 
+_DEPRECATED = {"Base": "base", "Oracle": "oracle", "C3POMethod": "c3po", "ReroutingMethod": "rerouting",
+               "SCMoEMethod": "scmoe"}  # fmt: skip
+"""The per-method evaluation classes this module held before the registry: ``make_method(name, ...)`` now."""
+
+
 def __getattr__(name: str) -> Any:
     if name == "METHODS":  # the registered names (a live view: a method registered later shows up too)
         return available_methods()
+    if name in _DEPRECATED:
+        method = _DEPRECATED[name]
+
+        def deprecated(options: Mapping[str, Any] | None = None, **kwargs: Any) -> MethodSpec:
+            warnings.warn(
+                f"reroute.eval.methods.{name} is deprecated; use make_method({method!r}, ...)",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+            kwargs.pop("name", None)
+            return make_method(method, options, **kwargs)
+
+        return deprecated
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -109,10 +109,19 @@ def get_method(name: str) -> MethodEntry:
     return _REGISTRY[name]
 
 
+def _order(item: tuple[int, tuple[str, MethodEntry]]) -> tuple[int, int]:
+    position, (_, entry) = item
+    module = entry.method_cls.__module__
+    builtin = BUILTIN_MODULES.index(module) if module in BUILTIN_MODULES else len(BUILTIN_MODULES)
+    return builtin, position
+
+
 def available_methods(predicate: Callable[[MethodEntry], bool] | None = None) -> tuple[str, ...]:
-    """Registered method names in registration order (built-ins first), optionally filtered."""
+    """Registered method names: the built-ins in :data:`BUILTIN_MODULES` order (whatever was imported first), then
+    the others in registration order; optionally filtered."""
     _builtins()
-    return tuple(n for n, e in _REGISTRY.items() if predicate is None or predicate(e))
+    ordered = sorted(enumerate(_REGISTRY.items()), key=_order)
+    return tuple(n for _, (n, e) in ordered if predicate is None or predicate(e))
 
 
 def config_types() -> dict[str, type]:

@@ -27,7 +27,14 @@ from reroute.attach import RoutedModel, attach
 from reroute.data import Item
 from reroute.generation import DecodingMethod, ModelStream
 from reroute.methods import RoutingMethod, register_method, repeat_rows
-from reroute.rerouting.adapt import PhaseResult, RerouterConfig, adapt_phase, routing_confidence, select_layers
+from reroute.rerouting.adapt import (
+    PhaseResult,
+    RerouterConfig,
+    adapt_phase,
+    install_row_offsets,
+    routing_confidence,
+    select_layers,
+)
 from reroute.scoring import ContinuationBatch
 
 if TYPE_CHECKING:
@@ -67,9 +74,10 @@ class _ReroutingScorer:
         mask = self._mask(input_ids)
         prefill = self.method._prefill
         if self.delta is None and prefill is not None:  # the first phase was run before (RoutingMethod protocol)
-            self.layers, self.delta = dict(prefill.layers), prefill.delta.clone()
+            rows = repeat_rows(prefill.delta.shape[0], input_ids.shape[0])  # num_return_sequences rows share it
+            self.layers, self.delta = dict(prefill.layers), prefill.delta.repeat_interleave(rows, dim=0)
             if self.layers:
-                self.rm.set_row_offsets({idx: self.delta[:, j] for j, idx in enumerate(self.layers)})
+                install_row_offsets(self.rm, list(self.layers), self.delta)
             return
         if self.delta is None:  # the first phase of this prompt: choose layers, δ = 0
             confidence = routing_confidence(self.rm, input_ids, mask) if self.config.layers == "confidence" else None
