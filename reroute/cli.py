@@ -312,22 +312,6 @@ def _jsonable_config(config: Any) -> dict[str, Any]:
     return json.loads(json.dumps(dataclasses.asdict(config), default=str))
 
 
-def paired_difference(correct: Sequence[bool], base: Sequence[bool], seed: int = 0, resamples: int = 2000) -> dict:
-    """Accuracy difference to base on the same items, with a 95% paired percentile-bootstrap interval (items
-    resampled together, so the interval reflects the per-item agreement of the two runs)."""
-    import numpy as np
-
-    diff = np.asarray(correct, dtype=np.float64) - np.asarray(base, dtype=np.float64)
-    rng = np.random.default_rng(seed)
-    means = diff[rng.integers(0, diff.size, size=(resamples, diff.size))].mean(axis=1)
-    return {
-        "difference": float(diff.mean()),
-        "ci95": [float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))],
-        "wins": int((diff > 0).sum()),
-        "losses": int((diff < 0).sum()),
-    }
-
-
 def cmd_eval(args: argparse.Namespace) -> int:
     import reroute
     from reroute.eval import plot_bars, print_table, run_eval
@@ -380,6 +364,8 @@ def _method_resources(name: str) -> dict[str, str]:
 def _records(args: argparse.Namespace, rm: Any, specs: Sequence[Any], results: Sequence[Any]) -> list[dict]:
     """The per-run records with provenance (model, fingerprint, method config, versions, seed, data) and, when
     ``base`` ran too, each method's paired difference to it."""
+    from reroute.eval import paired_difference
+
     base = next((r for r in results if r.method == "base"), None)
     model = args.model if args.model == "testbed" else str(Path(args.model).resolve())
     records = []
@@ -390,7 +376,8 @@ def _records(args: argparse.Namespace, rm: Any, specs: Sequence[Any], results: S
             "fingerprint": rm.fingerprint(),
             "method": spec.name,
             "method_config": _jsonable_config(spec.config),
-            "resources": {k: str(getattr(v, "path", None) or v) for k, v in spec.resources.items()},
+            "resources": {k: repr(v) for k, v in spec.resources.items()},
+            "reference": args.index or args.reference or ("testbed:reference" if args.model == "testbed" else None),
             "data": str(Path(args.data).resolve()) if args.data else f"testbed:{args.split}",
             "seed": args.seed,
             "batch_size": args.batch_size,

@@ -159,3 +159,15 @@ def test_a_tokenizer_without_pad_or_eos_is_refused(setup):
     tok.pad_token, tok.eos_token = None, None
     with pytest.raises(ValueError, match="neither a pad nor an EOS token"):
         run_eval(rm, tok, _items(2), make_method("base"), progress=False)
+
+
+def test_paired_difference_by_hand():
+    from reroute.eval import paired_difference
+
+    result = paired_difference([True, True, False, True], [True, False, False, False], seed=0, resamples=500)
+    assert result["difference"] == 0.5 and (result["wins"], result["losses"]) == (2, 0)
+    assert 0.0 <= result["ci95"][0] <= 0.5 <= result["ci95"][1] <= 1.0
+    same = paired_difference([True, False], [True, False])
+    assert same["difference"] == 0.0 and same["ci95"] == [0.0, 0.0]
+    with pytest.raises(ValueError, match="same items"):
+        paired_difference([True], [True, False])

@@ -1,6 +1,6 @@
 """Evaluation harness: methods, ``run_eval`` with bootstrap intervals, and reports (table, JSON, PNG)."""
 
-from reroute.eval.harness import EvalResult, bootstrap_ci, run_eval
+from reroute.eval.harness import EvalResult, bootstrap_ci, paired_difference, run_eval
 from reroute.eval.methods import MethodSpec, make_method
 from reroute.eval.report import plot_bars, print_table, write_json
 
@@ -9,6 +9,7 @@ __all__ = [
     "EvalResult",
     "bootstrap_ci",
     "make_method",
+    "paired_difference",
     "plot_bars",
     "print_table",
     "run_eval",

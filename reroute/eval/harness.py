@@ -71,6 +71,25 @@ def bootstrap_ci(correct: Sequence[bool], seed: int = 0, resamples: int = 2000) 
     return [float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))]
 
 
+def paired_difference(
+    correct: Sequence[bool], base: Sequence[bool], seed: int = 0, resamples: int = 2000
+) -> dict[str, Any]:
+    """Accuracy difference to ``base`` on the same items with a 95% paired percentile-bootstrap interval (the items
+    are resampled together, so the interval reflects how often the two runs agree item by item), and the items
+    won and lost."""
+    if len(correct) != len(base) or not correct:
+        raise ValueError(f"a paired difference needs two runs over the same items, got {len(correct)} and {len(base)}")
+    diff = np.asarray(correct, dtype=np.float64) - np.asarray(base, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    means = diff[rng.integers(0, diff.size, size=(resamples, diff.size))].mean(axis=1)
+    return {
+        "difference": float(diff.mean()),
+        "ci95": [float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))],
+        "wins": int((diff > 0).sum()),
+        "losses": int((diff < 0).sum()),
+    }
+
+
 def run_eval(
     rm: RoutedModel,
     tokenizer: Any,
