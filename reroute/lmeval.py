@@ -48,9 +48,18 @@ logger = logging.getLogger(__name__)
 STATIC = "static"
 """``method=static``: the base routing with a required ``state=`` folder."""
 
-# transformers from_pretrained arguments HFLM passes on through its **kwargs (any other unknown key is an error)
-MODEL_KWARGS = ("attn_implementation", "low_cpu_mem_usage", "device_map", "quantization_config", "cache_dir",
-                "local_files_only", "token", "torch_dtype")  # fmt: skip
+MODEL_KWARGS = (
+    "attn_implementation",
+    "low_cpu_mem_usage",
+    "device_map",
+    "quantization_config",
+    "cache_dir",
+    "local_files_only",
+    "token",
+    "torch_dtype",
+)
+"""transformers ``from_pretrained`` arguments that ``HFLM`` passes on through its ``**kwargs``; any other key that
+is neither a method option nor an ``HFLM`` argument is an error (lm-eval would ignore it silently)."""
 
 
 def lm_eval_methods() -> tuple[str, ...]:
@@ -81,10 +90,10 @@ def _all_options() -> dict[str, list[str]]:
 
 def _lm_arguments() -> set[str]:
     """The keyword arguments of :class:`RoutedLM` and ``HFLM`` (besides the method's options)."""
+    named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
     names = set(MODEL_KWARGS)
     for cls in (RoutedLM, HFLM):
-        names |= {p.name for p in inspect.signature(cls.__init__).parameters.values() if p.kind == p.KEYWORD_ONLY
-                  or p.kind == p.POSITIONAL_OR_KEYWORD}  # fmt: skip
+        names |= {p.name for p in inspect.signature(cls.__init__).parameters.values() if p.kind in named}
     return names - {"self"}
 
 
