@@ -46,7 +46,7 @@ def test_attach_save_and_load_import_no_method_and_no_integration(tmp_path):
 def test_import_reroute_is_lazy_and_public_names_still_resolve():
     assert _loaded("import reroute") <= LAYERS_BELOW_METHODS
     loaded = _loaded("import reroute\nreroute.SCMoE, reroute.available_methods()")
-    assert {"reroute.scmoe.decoding", "reroute.methods.registry", "reroute.c3po.method"} <= loaded
+    assert {"reroute.scmoe.method", "reroute.methods.registry", "reroute.c3po.method"} <= loaded
     assert not {"reroute.lmeval", "reroute.cli", "reroute.eval"} & loaded
 
 

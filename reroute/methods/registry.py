@@ -90,7 +90,7 @@ BUILTIN_MODULES = (
     "reroute.methods.base",
     "reroute.c3po.method",
     "reroute.rerouting.method",
-    "reroute.scmoe.decoding",
+    "reroute.scmoe.method",
     "reroute.methods.oracle",
 )
 """Where the built-in methods register (in this order); the registry imports them on first use."""

@@ -29,12 +29,12 @@ from reroute.generation import DecodingMethod, ModelStream
 from reroute.methods import RoutingMethod, register_method, repeat_rows
 from reroute.rerouting.adapt import (
     PhaseResult,
-    RerouterConfig,
     adapt_phase,
     install_row_offsets,
     routing_confidence,
     select_layers,
 )
+from reroute.rerouting.config import RerouterConfig
 from reroute.scoring import ContinuationBatch
 
 if TYPE_CHECKING:
