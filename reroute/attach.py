@@ -10,25 +10,25 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import re
 import types
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from reroute import pretrained
 from reroute.arch import FamilyAdapter, UnsupportedModelError, family_for
 from reroute.kernels import experts as kernel_experts
 from reroute.routing.layer import LayerRouting, Mixing, RoutingContext, execution_device
 from reroute.routing.policy import ExpertMask, RoutingPolicy
 from reroute.routing.trace import Trace
 
-STATE_FILE = "routing_state.safetensors"
-CONFIG_FILE = "routing_config.json"
-FORMAT_VERSION = 1
+STATE_FILE = pretrained.STATE_NAME
+CONFIG_FILE = pretrained.LEGACY_CONFIG_NAME  # the older rm.save layout, still readable
 
 _LAYER_NAME = re.compile(r"^(?P<stack>.*)\.layers\.(?P<idx>\d+)\.")
 _ROUTED_CLASSES: dict[type, type] = {}
@@ -481,96 +481,31 @@ class RoutedModel:
             "top_k": [layer.top_k for layer in self.layers.values()],
         }
 
-    def save(self, directory: str | Path) -> Path:
-        """Write the layer-level adaptation state (offsets, policies, masks) as safetensors + JSON."""
-        from safetensors.torch import save_file
-
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        tensors = {f"offsets.{idx}": layer.offsets.detach().cpu().contiguous() for idx, layer in self.layers.items()}
-        config = {
-            "format": "reroute-routing-state",
-            "version": FORMAT_VERSION,
-            "fingerprint": self.fingerprint(),
-            "policies": {str(i): c.policy.to_dict() for i, c in self.layers.items() if c.policy is not None},
-            "masks": {str(i): c.mask.to_dict() for i, c in self.layers.items() if c.mask is not None},
-        }
-        save_file(tensors, str(directory / STATE_FILE))
-        (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
-        return directory
-
-    def load(self, directory: str | Path) -> RoutedModel:
-        """Load a state written by :meth:`save`; a different architecture is an error and changes nothing."""
-        from safetensors.torch import load_file
-
-        self._check_attached()
-        directory = Path(directory)
-        config_path, state_path = directory / CONFIG_FILE, directory / STATE_FILE
-        if not config_path.is_file() or not state_path.is_file():
-            raise FileNotFoundError(f"{directory} lacks {CONFIG_FILE} and/or {STATE_FILE}")
-        try:
-            config = json.loads(config_path.read_text())
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{config_path} is not valid JSON: {exc}") from exc
-        if config.get("format") != "reroute-routing-state":
-            raise ValueError(f"{config_path} is not a reroute routing state")
-        if config.get("version", 0) > FORMAT_VERSION:
-            raise ValueError(
-                f"{config_path} has format version {config['version']}; this reroute reads {FORMAT_VERSION}"
-            )
-        saved, mine = config.get("fingerprint"), self.fingerprint()
-        if saved != mine:
-            diff = {
-                k: (saved.get(k) if isinstance(saved, dict) else None, v)
-                for k, v in mine.items()
-                if not isinstance(saved, dict) or saved.get(k) != v
-            }
-            raise ValueError(
-                f"routing state in {directory} was saved for another architecture: (saved, this model) = {diff}"
-            )
-        tensors = load_file(str(state_path))
-        offsets = {}
-        for idx, layer in self.layers.items():
-            key = f"offsets.{idx}"
-            if key not in tensors:
-                raise ValueError(f"{state_path} lacks {key}")
-            offsets[idx] = tensors[key].to(device=layer.device, dtype=torch.float32)
-        policies = {int(k): RoutingPolicy(**v) for k, v in config.get("policies", {}).items()}
-        masks = {int(k): ExpertMask(**{f: tuple(x) for f, x in v.items()}) for k, v in config.get("masks", {}).items()}
-        # validate everything before changing anything
-        for idx, layer in self.layers.items():
-            _check_tensor(offsets[idx], (layer.num_experts,), layer.device, f"offsets.{idx} in {state_path}")
-            policy, mask = policies.get(idx), masks.get(idx)
-            if policy is not None:
-                policy.check(layer.num_experts)
-            if mask is not None:
-                width = policy.width(layer.num_experts, layer.top_k) if policy is not None else layer.top_k
-                mask.check(layer.num_experts, width)
-        self.reset()
-        self.set_offsets(offsets)
-        for idx, layer in self.layers.items():
-            layer.policy, layer.mask = policies.get(idx), masks.get(idx)
-        return self
-
     def save_pretrained(self, directory: str | Path, method: object = None) -> Path:
-        """peft-style save of the whole routing state (``reroute_config.json`` + ``routing_state.safetensors``),
-        with ``method``'s config (C3PO / Rerouter / SCMoE, or their config) if given. See :mod:`reroute.pretrained`."""
-        from reroute.pretrained import save_pretrained
-
-        return save_pretrained(self, directory, method)
+        """Write the whole routing state (offsets, per-row offsets, policies and their rows, masks, re-mixing) as
+        ``reroute_config.json`` + ``routing_state.safetensors``, atomically, with ``method``'s config (a registered
+        method's config, or a method object holding one) if given. See :mod:`reroute.pretrained`."""
+        return pretrained.save_pretrained(self, directory, method)
 
     def load_pretrained(self, directory: str | Path) -> RoutedModel:
-        """Replace the routing state by one saved with :meth:`save_pretrained` (or :meth:`save`); all or nothing."""
-        from reroute.pretrained import load_pretrained
-
-        return load_pretrained(self, directory)
+        """Replace the routing state by one saved with :meth:`save_pretrained` (or the older :meth:`save`); all or
+        nothing: on any error the routing state is left as it was."""
+        return pretrained.load_pretrained(self, directory)
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, directory: str | Path) -> RoutedModel:
         """``reroute.attach(model)`` and load the state saved in ``directory`` (see :func:`reroute.from_pretrained`)."""
-        from reroute.pretrained import from_pretrained
-
         return from_pretrained(model, directory)
+
+    def save(self, directory: str | Path) -> Path:
+        """Deprecated alias of :meth:`save_pretrained` (the one save format; this used to drop per-row state)."""
+        warnings.warn("RoutedModel.save is deprecated; use save_pretrained", DeprecationWarning, stacklevel=2)
+        return self.save_pretrained(directory)
+
+    def load(self, directory: str | Path) -> RoutedModel:
+        """Deprecated alias of :meth:`load_pretrained` (which reads both layouts)."""
+        warnings.warn("RoutedModel.load is deprecated; use load_pretrained", DeprecationWarning, stacklevel=2)
+        return self.load_pretrained(directory)
 
     def __repr__(self) -> str:
         state = "attached" if self.attached else "detached"
@@ -616,6 +551,19 @@ def _core_model(model: nn.Module) -> nn.Module:
     """The transformers model inside a peft wrapper (``PeftModel.get_base_model()``), else the model itself."""
     get_base_model = getattr(model, "get_base_model", None)
     return get_base_model() if callable(get_base_model) else model
+
+
+def from_pretrained(model: nn.Module, directory: str | Path) -> RoutedModel:
+    """Attach routing control to ``model`` (a transformers MoE model, or a peft model wrapping one) and load the
+    state saved in ``directory``. If this call attached the model and loading fails, the model is detached again."""
+    fresh = all(m.__dict__.get("_reroute_attached") is None for m in (model, _core_model(model)))
+    rm = attach(model)
+    try:
+        return pretrained.load_pretrained(rm, directory)
+    except Exception:
+        if fresh:
+            rm.detach()
+        raise
 
 
 def attach(model: nn.Module, kernels: bool | str = "auto") -> RoutedModel:

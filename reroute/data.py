@@ -40,6 +40,18 @@ def load_items(source: Any) -> list[Item]:
     return items
 
 
+def write_jsonl(items: Iterable[Mapping[str, Any]], path: str | Path) -> Path:
+    """Write items as JSON lines, validated first, keys sorted (regenerated files diff cleanly), the parent folder
+    created; returns the path. The one writer :func:`load_items` reads back."""
+    records = [validate_item(item, i) for i, item in enumerate(items)]
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as handle:
+        for record in records:
+            handle.write(json.dumps(record, sort_keys=True, ensure_ascii=False) + "\n")
+    return path
+
+
 def validate_item(record: Any, position: int = 0) -> Item:
     """Check one record's fields; an item with no label is an error."""
     if not isinstance(record, Mapping):

@@ -7,38 +7,32 @@
 From the shell, ``reroute lm-eval ...`` takes lm-eval's own arguments (lm-eval's command line cannot see models
 registered by other packages) with ``--model reroute`` as the default.
 
-Methods (``method=``) and where their options come from (``method_args={...}`` or plain ``model_args`` keys):
+Methods (``method=``): every method of the registry (:mod:`reroute.methods`) whose adaptation reads no label, with
+its config fields and resources as options (``method_args={...}`` or plain ``model_args`` keys); ``static`` is
+``base`` with a required ``state=`` folder (written by :meth:`reroute.RoutedModel.save_pretrained`). ``state=`` works
+under every method (the adaptation then starts from that routing). A ``model_args`` key that is neither an option
+of the method nor an argument of ``HFLM`` is an error.
 
-* ``base``: the model's own routing (exactly :class:`lm_eval.models.huggingface.HFLM`).
-* ``static``: fixed router-logit offsets / policies saved with :meth:`reroute.RoutedModel.save` (``state=DIR``).
-  ``state=`` also works under every other method (the adaptation then starts from that routing).
-* ``c3po``: :class:`reroute.C3PO` with a reference index (``index=DIR``, or ``index=testbed`` to build the
-  testbed's from its reference split) and :class:`reroute.C3POConfig` fields (``surrogate``, ``k``, ``steps``, ...).
-* ``rerouting``: continuous rerouting, :class:`reroute.RerouterConfig` fields (``steps``, ``lr``, ``interval``, ...).
-* ``scmoe``: self-contrast decoding, :class:`reroute.SCMoEConfig` fields (``beta``, ``alpha``, ``weak``, ...).
+Log-likelihood requests are ``(context, continuation)`` pairs. A method's adaptation depends on the context only,
+so requests are grouped by context and each context is adapted once (:meth:`RoutingMethod.adapt_contexts`); the
+one-row state is kept in an LRU cache keyed by the context's tokens, so repeated requests (every choice of a
+multiple-choice question, the up to 64 repeats of a self-consistency task, a second evaluation) reuse it. Each
+(context, continuation) row is then scored under its context's state (:meth:`RoutingMethod.continuation_logprobs`),
+exactly as ``reroute eval`` scores it (SCMoE: :meth:`reroute.SCMoE.scoring_logprobs`, the contrast where a token is
+plausible and the strong log-probability otherwise, never ``-inf``). The model's own routing (``plain_routing``)
+goes through ``HFLM``'s own code.
 
-Log-likelihood requests are ``(context, continuation)`` pairs. C3PO's and rerouting's adaptation depends on the
-context only, so requests are grouped by context and each context is adapted once; the adaptation is kept in an LRU
-cache keyed by the context's tokens, so repeated requests (every choice of a multiple-choice question, the up to 64
-repeats of a self-consistency task, a second evaluation) reuse it. Each (context, continuation) row is then scored
-under its context's adaptation (C3PO: the re-mixed pathway at the last context token; rerouting: the context's
-offsets δ on every token). SCMoE scores continuations with :meth:`reroute.SCMoE.scoring_logprobs` (the contrast where a
-token is plausible, the strong log-probability otherwise; never ``-inf``), as :class:`reroute.eval.methods.SCMoEMethod`
-does.
-
-Generation requests (``generate_until``) go through the method's ``generate()`` with the task's ``until``,
-``max_gen_toks``, ``do_sample`` and ``temperature``: C3PO with each prompt's cached adaptation, rerouting with its
-prefill phase taken from the same cache (later phases every ``interval`` tokens depend on the generated text and
-run as usual), SCMoE decoding contrastively.
+Generation requests (``generate_until``) go through :meth:`RoutingMethod.generate_from` with each prompt's cached
+state and the task's ``until``, ``max_gen_toks``, ``do_sample`` and ``temperature``.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Sequence
-from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -47,41 +41,62 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 from tqdm import tqdm
 
-from reroute.attach import RoutedModel, attach
-from reroute.c3po import C3PO, C3POConfig, ReferenceIndex
-from reroute.c3po.method import Adaptation
-from reroute.c3po.pathway import Pathway
-from reroute.rerouting import Rerouter, RerouterConfig
-from reroute.rerouting.adapt import adapt_phase, routing_confidence, select_layers
-from reroute.rerouting.method import _ReroutingScorer
-from reroute.scmoe import SCMoE, SCMoEConfig
-from reroute.scoring import ContinuationBatch, build_batch, padded_logits
+from reroute.attach import attach
+from reroute.methods import RoutingMethod, available_methods, get_method
+from reroute.scoring import ContinuationBatch, build_batch
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("base", "static", "c3po", "rerouting", "scmoe")
-"""Values of ``method=``."""
+STATIC = "static"
+"""``method=static``: the base routing with a required ``state=`` folder."""
 
-_CONFIGS: dict[str, type] = {"c3po": C3POConfig, "rerouting": RerouterConfig, "scmoe": SCMoEConfig}
-_EXTRA_OPTIONS: dict[str, tuple[str, ...]] = {"c3po": ("index", "reference_size", "embedder")}
+MODEL_KWARGS = (
+    "attn_implementation",
+    "low_cpu_mem_usage",
+    "device_map",
+    "quantization_config",
+    "cache_dir",
+    "local_files_only",
+    "token",
+    "torch_dtype",
+)
+"""transformers ``from_pretrained`` arguments that ``HFLM`` passes on through its ``**kwargs``; any other key that
+is neither a method option nor an ``HFLM`` argument is an error (lm-eval would ignore it silently)."""
+
+
+def lm_eval_methods() -> tuple[str, ...]:
+    """Values of ``method=``: the registered methods that read no labels, and ``static``."""
+    names = available_methods(lambda e: not e.method_cls.needs_labels)
+    return (names[0], STATIC, *names[1:]) if names else (STATIC,)
+
+
+def _entry(method: str) -> Any:
+    if method not in lm_eval_methods():
+        raise ValueError(f"unknown method {method!r}; known: {', '.join(lm_eval_methods())}")
+    return get_method("base" if method == STATIC else method)
 
 
 def method_options(method: str) -> tuple[str, ...]:
-    """The option names ``method`` accepts (its config dataclass's fields, plus C3PO's index options)."""
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
-    config = _CONFIGS.get(method)
-    names = tuple(f.name for f in fields(config)) if config is not None else ()
-    return names + _EXTRA_OPTIONS.get(method, ())
+    """The option names ``method`` accepts (its config dataclass's fields, then its resources)."""
+    return _entry(method).option_names()
 
 
 def _all_options() -> dict[str, list[str]]:
     """``{option: [methods taking it]}`` over every method."""
     owners: dict[str, list[str]] = {}
-    for method in METHODS:
+    for method in lm_eval_methods():
         for name in method_options(method):
             owners.setdefault(name, []).append(method)
     return owners
+
+
+def _lm_arguments() -> set[str]:
+    """The keyword arguments of :class:`RoutedLM` and ``HFLM`` (besides the method's options)."""
+    named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    names = set(MODEL_KWARGS)
+    for cls in (RoutedLM, HFLM):
+        names |= {p.name for p in inspect.signature(cls.__init__).parameters.values() if p.kind in named}
+    return names - {"self"}
 
 
 def resolve_method(
@@ -94,12 +109,13 @@ def resolve_method(
 
     Options come from ``method_args`` (a dict or a JSON object string) and from the keys of ``kwargs`` that name one
     of the method's options (those are removed from ``kwargs``; the rest stay for ``HFLM``). Raises ``ValueError``
-    for an unknown method, an option of another method (naming the method it belongs to), a bad option value (the
-    method's config dataclass validates it) and missing required options; ``FileNotFoundError`` for a missing
-    ``state`` or ``index`` folder.
+    for an unknown method, an option of another method (naming the method it belongs to), a key that is no option
+    and no ``HFLM`` argument, a bad option value (the method's config dataclass validates it), a method that reads
+    labels and missing required options; ``FileNotFoundError`` for a missing ``state`` or resource folder.
     """
     kwargs = {} if kwargs is None else kwargs
-    known = method_options(method)
+    entry = _entry(method)
+    known = entry.option_names()
     if isinstance(method_args, str):
         try:
             method_args = json.loads(method_args) if method_args.strip() else {}
@@ -122,21 +138,21 @@ def resolve_method(
             + (f" ({hints})" if hints else "")
             + f"; its options: {', '.join(known) or 'none'}"
         )
-    if method == "static" and state is None:
-        raise ValueError("method='static' needs state=<folder written by RoutedModel.save>")
+    stray = sorted(k for k in kwargs if k not in _lm_arguments())
+    if stray:
+        raise ValueError(
+            f"model_args key {', '.join(map(repr, stray))} is neither an option of method {method!r} "
+            f"({', '.join(known) or 'none'}) nor an argument of lm-eval's HFLM"
+        )
+    if method == STATIC and state is None:
+        raise ValueError("method='static' needs state=<folder written by RoutedModel.save_pretrained>")
     if state is not None and not Path(state).is_dir():
         raise FileNotFoundError(f"no routing state folder {state}")
-    config = _CONFIGS.get(method)
-    if config is not None:
-        config(**{k: v for k, v in options.items() if k not in _EXTRA_OPTIONS.get(method, ())})
-    if method == "c3po":
-        if options.get("surrogate") == "oracle":
-            raise ValueError("C3PO's oracle reads each item's label, which lm-eval requests do not carry")
-        index = options.get("index")
-        if index is None and options.get("surrogate", "ngd") != "mode":
-            raise ValueError("method='c3po' needs index=<reference index folder> (or index=testbed)")
-        if isinstance(index, (str, Path)) and index != "testbed" and not Path(index).is_dir():
-            raise FileNotFoundError(f"no reference index folder {index}")
+    config_options, resources = entry.split_options(options)
+    config = entry.make_config(config_options)
+    if entry.method_cls.reads_labels(config):
+        raise ValueError(f"method {method!r} with these options reads each item's label, which lm-eval requests lack")
+    entry.method_cls.check_options(config, resources)
     return options
 
 
@@ -186,84 +202,24 @@ class AdaptationCache:
         self.hits = self.misses = 0
 
 
-@dataclass
-class _Offsets:
-    """One context's rerouting adaptation: selected layers ``{layer: gradient weight}`` and δ ``[L_sel, E]``."""
-
-    layers: dict[int, float]
-    delta: torch.Tensor
-
-
-def _stack_pathways(entries: Sequence[Adaptation]) -> Adaptation:
-    """One-row C3PO adaptations -> one adaptation with a row per entry (in order)."""
-    first = entries[0].pathway
-    pathway = Pathway(
-        list(first.layers),
-        {layer: torch.cat([e.pathway.experts[layer] for e in entries]) for layer in first.layers},
-        {layer: torch.cat([e.pathway.logits[layer] for e in entries]) for layer in first.layers},
-    )
-    return Adaptation(
-        pathway,
-        torch.cat([e.abstained for e in entries]),
-        torch.cat([e.neighbours for e in entries]),
-        {},
-    )
-
-
-def _stack_offsets(entries: Sequence[_Offsets]) -> _Offsets:
-    """Per-context δ -> ``[rows, L, E]`` over the union of their layers (a layer a context did not adapt gets zero
-    offsets, i.e. its routing is untouched); a layer's gradient weight is the mean over the contexts that chose it."""
-    layers = sorted({idx for e in entries for idx in e.layers})
-    template = entries[0].delta
-    delta = torch.zeros(len(entries), len(layers), template.shape[-1], dtype=template.dtype, device=template.device)
-    weights: dict[int, list[float]] = {idx: [] for idx in layers}
-    for row, entry in enumerate(entries):
-        for j, (idx, weight) in enumerate(entry.layers.items()):
-            delta[row, layers.index(idx)] = entry.delta[j]
-            weights[idx].append(weight)
-    return _Offsets({idx: sum(w) / len(w) for idx, w in weights.items()}, delta)
-
-
-class _CachedPrefillScorer(_ReroutingScorer):
-    """Continuous rerouting whose first phase (at prefill, on the prompt alone) comes from the per-context cache."""
-
-    def _phase(self, input_ids: torch.LongTensor) -> None:
-        if self.delta is not None:
-            super()._phase(input_ids)
-            return
-        stacked = self.method.prefill_offsets(input_ids, self._mask(input_ids))
-        self.layers, self.delta = stacked.layers, stacked.delta.clone()
-        self.rm.set_row_offsets({idx: self.delta[:, j] for j, idx in enumerate(self.layers)})
-
-
-class _CachedRerouter(Rerouter):
-    """:class:`~reroute.Rerouter` taking each prompt's prefill δ from a :class:`RoutedLM`'s cache."""
-
-    def __init__(self, rm: RoutedModel, config: RerouterConfig, prefill_offsets: Callable[..., _Offsets]) -> None:
-        super().__init__(rm, config)
-        self.prefill_offsets = prefill_offsets
-
-    def scorer(self, stream: Any) -> _CachedPrefillScorer:
-        return _CachedPrefillScorer(self, stream)
-
-
 @register_model("reroute")
 class RoutedLM(HFLM):
-    """:class:`~lm_eval.models.huggingface.HFLM` whose requests run through a routing-adaptation method.
+    """:class:`~lm_eval.models.huggingface.HFLM` whose requests run through a registered routing method.
 
     Args:
         pretrained: a model name/folder (as for ``HFLM``), ``"testbed"`` (the shipped trained testbed with its
             tokenizer) or an already built model object.
-        method: one of :data:`METHODS`.
+        method: one of :func:`lm_eval_methods`.
         method_args: the method's options as a dict (or a JSON object string); they may also be given as plain
             keyword arguments (``model_args`` keys), e.g. ``steps=3``.
-        state: a folder written by :meth:`reroute.RoutedModel.save` loaded before anything runs (``static``
-            requires it).
+        state: a folder written by :meth:`reroute.RoutedModel.save_pretrained` (or the older ``save``) loaded
+            before anything runs (``static`` requires it).
         cache_size: contexts whose adaptation is kept (LRU).
         **kwargs: ``HFLM``'s arguments (``tokenizer``, ``batch_size``, ``device``, ``dtype``, ``max_length``, ...).
 
     Attributes:
         rm: the attached :class:`~reroute.RoutedModel`.
+        routing_method: the :class:`~reroute.methods.RoutingMethod` answering the requests.
         cache: the per-context :class:`AdaptationCache`.
     """
 
@@ -287,17 +243,12 @@ class RoutedLM(HFLM):
             raise ValueError("reroute's lm-eval model supports decoder-only (causal) models")
         self.rm = attach(self.model)
         if state is not None:
-            self.rm.load(state)
-        self._c3po: C3PO | None = None
-        self._rerouting: RerouterConfig | None = None
-        self._scmoe: SCMoE | None = None
-        if method == "c3po":
-            self._c3po = self._build_c3po(options)
-        elif method == "rerouting":
-            self._rerouting = RerouterConfig(**options)
-            select_layers(self.rm, self._rerouting, {i: 0.0 for i in self.rm.moe_layers})  # a bad layer list fails now
-        elif method == "scmoe":
-            self._scmoe = SCMoE(self.rm, **options)
+            self.rm.load_pretrained(state)
+        entry = _entry(method)
+        config_options, resources = entry.split_options(options)
+        self.routing_method: RoutingMethod = entry.method_cls.from_config(
+            self.rm, self.tokenizer, entry.make_config(config_options), **resources
+        )
 
     # ------------------------------------------------------------------------------------------ construction
     @staticmethod
@@ -315,69 +266,23 @@ class RoutedLM(HFLM):
         kwargs.setdefault("tokenizer", tokenizer)
         return model, kwargs
 
-    def _build_c3po(self, options: dict[str, Any]) -> C3PO:
-        options = dict(options)
-        index = options.pop("index", None)
-        reference_size = options.pop("reference_size", 800)
-        embedder = options.pop("embedder", None)
-        if index == "testbed":
-            from reroute.testbed.reference import DEFAULT_EMBEDDER, reference_index
-
-            embedder = embedder if embedder is not None else DEFAULT_EMBEDDER
-            if not isinstance(embedder, str):
-                raise ValueError("index=testbed builds the testbed's index: pass embedder as a name")
-            index = reference_index(self.rm, self.tokenizer, n=int(reference_size), embedder=embedder)
-        elif index is not None and not isinstance(index, ReferenceIndex):
-            index = ReferenceIndex.load(index, self.rm)
-        return C3PO(self.rm, index, self.tokenizer, embedder=embedder, **options)
-
     # ------------------------------------------------------------------------------------------ adaptation
-    def _adapt_c3po(self, keys: list[tuple[int, ...]], texts: dict[tuple[int, ...], str]) -> list[Adaptation]:
-        """One C3PO adaptation per context, adapted together, split into one-row adaptations for the cache."""
-        assert self._c3po is not None
-        adaptation = self._c3po.adapt([texts[k] for k in keys])
-        return [
-            Adaptation(
-                adaptation.pathway.select([i]),
-                adaptation.abstained[i : i + 1],
-                adaptation.neighbours[i : i + 1],
-                adaptation.stats,
-            )
-            for i in range(len(keys))
-        ]
-
-    def _adapt_rerouting(self, keys: list[tuple[int, ...]]) -> list[_Offsets]:
-        """The first rerouting phase on each context alone (rows are independent, so contexts adapt together unless
-        layers are chosen by routing confidence, which is measured over the whole batch)."""
-        config = self._rerouting
-        assert config is not None
-        if config.steps == 0:
-            device = self.rm.layer(self.rm.moe_layers[0]).device
-            return [_Offsets({}, torch.zeros(0, self.rm.num_experts, device=device)) for _ in keys]
-        groups = [[k] for k in keys] if config.layers == "confidence" else [keys]
-        results: list[_Offsets] = []
+    def _adapt(self, keys: list[tuple[int, ...]], texts: dict[tuple[int, ...], str]) -> list[Any]:
+        """One-row states for ``keys`` (contexts), adapted together unless the method's result would then depend
+        on the batch-mates (``batch_adapt``)."""
+        method = self.routing_method
+        groups = [keys] if method.batch_adapt else [[k] for k in keys]
+        states: list[Any] = []
         for group in groups:
-            batch = build_batch(list(group), [[] for _ in group], self._pad_id).to(self.device)
-            confidence = (
-                routing_confidence(self.rm, batch.input_ids, batch.attention_mask)
-                if config.layers == "confidence"
-                else None
-            )
-            layers = select_layers(self.rm, config, confidence)
-            device = self.rm.layer(next(iter(layers))).device
-            delta = torch.zeros(len(group), len(layers), self.rm.num_experts, device=device)
-            try:
-                adapt_phase(self.rm, config, layers, delta, batch.input_ids, batch.attention_mask)
-            finally:
-                for idx in layers:
-                    self.rm.layer(idx).row_offsets = None
-            results += [_Offsets(dict(layers), delta[i].detach().clone()) for i in range(len(group))]
-        return results
+            prompts = build_batch(list(group), [[] for _ in group], self._pad_id)
+            state = method.adapt_contexts([{"prompt": texts[k]} for k in group], prompts)
+            states += method.split_state(state, len(group))
+        return states
 
-    def prefill_offsets(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> _Offsets:
-        """Rerouting's prefill δ for a left-padded batch of prompts ``[B, S]`` from the cache ``[B, L, E]``."""
-        keys = [tuple(row[mask.bool()].tolist()) for row, mask in zip(input_ids, attention_mask)]
-        return _stack_offsets(self.cache.get_many(keys, self._adapt_rerouting))
+    def _states(self, keys: list[tuple[int, ...]], texts: dict[tuple[int, ...], str]) -> Any:
+        """The stacked state of ``keys`` (cached per context)."""
+        entries = self.cache.get_many(keys, lambda missing: self._adapt(missing, texts))
+        return self.routing_method.stack_states(entries)
 
     @property
     def _pad_id(self) -> int:
@@ -391,7 +296,7 @@ class RoutedLM(HFLM):
         disable_tqdm: bool = False,
         override_bs: int | None = None,
     ) -> list[tuple[float, bool]]:
-        if self.method in ("base", "static"):  # fixed routing: HFLM's own scoring is exact
+        if self.routing_method.plain_routing:  # fixed routing: HFLM's own scoring is exact
             return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
         rows = []
         for request, context, continuation in requests:
@@ -441,41 +346,15 @@ class RoutedLM(HFLM):
         self, batch: ContinuationBatch, contexts: list[tuple[int, ...]], texts: dict[tuple[int, ...], str]
     ) -> list[tuple[float, bool]]:
         """``(sum of continuation log-probabilities, continuation is the greedy one)`` per row, under the method."""
-        batch = batch.to(self.device)
-        with torch.no_grad():
-            if self.method == "c3po":
-                assert self._c3po is not None
-                entries = self.cache.get_many(contexts, lambda keys: self._adapt_c3po(keys, texts))
-                self._c3po.apply(_stack_pathways(entries), batch.prompt_len)
-                try:
-                    logits = padded_logits(self.model, batch.input_ids, batch.attention_mask)[:, :-1]
-                finally:
-                    self.rm.clear_mixing(self._c3po.layers)
-                logprobs = torch.log_softmax(logits.float(), dim=-1)
-            elif self.method == "rerouting":
-                stacked = _stack_offsets(self.cache.get_many(contexts, self._adapt_rerouting))
-                self.rm.set_row_offsets({idx: stacked.delta[:, j] for j, idx in enumerate(stacked.layers)})
-                try:
-                    logits = padded_logits(self.model, batch.input_ids, batch.attention_mask)[:, :-1]
-                finally:
-                    for idx in stacked.layers:
-                        self.rm.layer(idx).row_offsets = None
-                logprobs = torch.log_softmax(logits.float(), dim=-1)
-            else:
-                assert self._scmoe is not None
-                logprobs = self._scmoe.scoring_logprobs(batch.input_ids, batch.attention_mask)
-        targets = batch.input_ids[:, 1:]
-        mask = batch.target_mask[:, 1:]
-        token_lp = logprobs.gather(-1, targets[..., None])[..., 0].masked_fill(~mask, 0.0)
-        greedy = ((logprobs.argmax(-1) == targets) | ~mask).all(-1)
-        return [(float(s), bool(g)) for s, g in zip(token_lp.sum(-1).cpu(), greedy.cpu())]
+        scores = self.routing_method.continuation_logprobs(batch, self._states(contexts, texts))
+        return [(float(s), bool(g)) for s, g in zip(scores.logprob, scores.greedy)]
 
     # ------------------------------------------------------------------------------------------ generation
     def _model_generate(self, context: torch.Tensor, max_length: int, stop: list[str], **generation_kwargs: Any):
         # lm-eval asks for max_length = context + max_gen_toks, but a model's generation config may set
         # max_new_tokens, which generate() prefers (the testbed's does): ask for the new tokens explicitly
         new_tokens = max_length - context.shape[1]
-        if self.method in ("base", "static"):
+        if self.routing_method.plain_routing:
             return super()._model_generate(context, max_length, stop, max_new_tokens=new_tokens, **generation_kwargs)
         # imported by huggingface.py from wherever this lm-eval version keeps it
         from lm_eval.models.huggingface import stop_sequences_criteria
@@ -495,26 +374,22 @@ class RoutedLM(HFLM):
             stopping_criteria=stop_sequences_criteria(self.tokenizer, stop, context.shape[1], context.shape[0]),
             pad_token_id=self._pad_id,
         )
-        if self.method == "c3po":
-            assert self._c3po is not None
-            keys = [tuple(row[mask.bool()].tolist()) for row, mask in zip(context, attention_mask)]
-            texts = {k: self.tok_decode(list(k)) for k in dict.fromkeys(keys)}
-            entries = self.cache.get_many(keys, lambda missing: self._adapt_c3po(missing, texts))
-            return self._c3po.generate(
-                input_ids=context, attention_mask=attention_mask, adaptation=_stack_pathways(entries), **kwargs
-            )
-        if self.method == "rerouting":
-            assert self._rerouting is not None
-            method = _CachedRerouter(self.rm, self._rerouting, self.prefill_offsets)
-            return method.generate(input_ids=context, attention_mask=attention_mask, **kwargs)
-        assert self._scmoe is not None
-        return self._scmoe.generate(input_ids=context, attention_mask=attention_mask, **kwargs)
+        keys = [tuple(row[mask.bool()].tolist()) for row, mask in zip(context, attention_mask)]
+        texts = {k: self.tok_decode(list(k)) for k in dict.fromkeys(keys)}
+        state = self._states(keys, texts)
+        return self.routing_method.generate_from(context, attention_mask, state, **kwargs)
 
     def get_model_info(self) -> dict:
         info = super().get_model_info()
         info["reroute_method"] = self.method
         info["reroute_method_args"] = {k: str(v) for k, v in self.method_args.items()}
         return info
+
+
+def __getattr__(name: str) -> Any:
+    if name == "METHODS":  # values of method= (registered methods change it)
+        return lm_eval_methods()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 _TASK_HEADER = """\
@@ -581,7 +456,8 @@ def write_testbed_tasks(
     ``exact_match``: as ``--mode gen``) and ``reroute_testbed_sc`` (self-consistency: ``repeats`` sampled answers
     per prompt, majority vote). Returns the task names. Nothing is downloaded: the data is a local JSONL file.
     """
-    from reroute.testbed.suite import make_split, write_jsonl
+    from reroute.data import write_jsonl
+    from reroute.testbed.suite import make_split
 
     if not isinstance(repeats, int) or repeats < 1:
         raise ValueError(f"repeats must be a positive integer, got {repeats!r}")
@@ -605,11 +481,11 @@ def usage() -> str:
         "",
         "model_args of --model reroute (besides HFLM's own: batch_size, device, dtype, max_length, ...):",
         "  pretrained=testbed|<folder or hub name>   the model ('testbed': the shipped trained testbed)",
-        f"  method={'|'.join(METHODS)}   (default base)",
-        "  state=<folder>                             routing state from RoutedModel.save (needed by method=static)",
+        f"  method={'|'.join(lm_eval_methods())}   (default base)",
+        "  state=<folder>                             routing state from RoutedModel.save_pretrained (method=static)",
         "  method_args={...}                          method options as a dict; or give them as plain keys:",
     ]
-    for method in METHODS:
+    for method in lm_eval_methods():
         names = method_options(method)
         if names:
             lines.append(f"    {method}: {', '.join(names)}")

@@ -25,15 +25,13 @@ points at the Parquet mirror lm-evaluation-harness 0.4 uses and records the cano
 from __future__ import annotations
 
 import hashlib
-import json
 import random
 import re
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-from reroute.data import Item, validate_item
+from reroute.data import Item, validate_item, write_jsonl  # noqa: F401  (write_jsonl: re-exported)
 
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 STYLES = ("letters", "cloze")
@@ -504,14 +502,3 @@ def build_reference_items(
     for source in reference_sources(target):
         items += build_items(source, split=split, limit=limit, loader=loader, style=style, seed=seed)
     return items
-
-
-def write_jsonl(items: Iterable[Mapping[str, Any]], path: str | Path) -> Path:
-    """Write items as JSON lines (validated first; the parent folder is created)."""
-    records = [validate_item(item, i) for i, item in enumerate(items)]
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as handle:
-        for record in records:
-            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
-    return path

@@ -9,13 +9,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from reroute.attach import RoutedModel
 from reroute.data import Item, gold_text
+
+if TYPE_CHECKING:
+    from reroute.attach import RoutedModel
 
 
 @dataclass
@@ -116,23 +118,65 @@ def choice_batch(tokenizer: Any, items: Sequence[Item]) -> tuple[ContinuationBat
             context, cont = encode_pair(tokenizer, item["prompt"], choice)
             prompts.append(context)
             continuations.append(cont)
-    return build_batch(prompts, continuations, _pad_id(tokenizer)), counts.pop()
+    return build_batch(prompts, continuations, pad_id(tokenizer)), counts.pop()
 
 
 def gold_batch(tokenizer: Any, items: Sequence[Item]) -> ContinuationBatch:
     """One row per item: the prompt and its gold answer."""
     pairs = [encode_pair(tokenizer, item["prompt"], gold_text(item)) for item in items]
-    return build_batch([p for p, _ in pairs], [c for _, c in pairs], _pad_id(tokenizer))
+    return build_batch([p for p, _ in pairs], [c for _, c in pairs], pad_id(tokenizer))
 
 
 def prompt_batch(tokenizer: Any, prompts: Sequence[str]) -> ContinuationBatch:
     """Prompts only, left-padded: every last prompt token at column ``P - 1``."""
-    return build_batch([tokenizer(p)["input_ids"] for p in prompts], [[] for _ in prompts], _pad_id(tokenizer))
+    return build_batch([tokenizer(p)["input_ids"] for p in prompts], [[] for _ in prompts], pad_id(tokenizer))
 
 
-def _pad_id(tokenizer: Any) -> int:
+def pad_id(tokenizer: Any) -> int:
+    """The id batches are padded with: the tokenizer's pad token, else its EOS token."""
     pad = tokenizer.pad_token_id
-    return int(pad if pad is not None else tokenizer.eos_token_id)
+    if pad is None:
+        pad = tokenizer.eos_token_id
+    if pad is None:
+        raise ValueError("the tokenizer has neither a pad nor an EOS token: set tokenizer.pad_token before scoring")
+    return int(pad)
+
+
+def check_tokenizer(tokenizer: Any, items: Sequence[Item], mode: str = "mc") -> None:
+    """Check, before anything runs, what scoring assumes of the tokenizer and the items; one clear error naming the
+    first item that breaks an assumption.
+
+    Assumptions: the tokenizer pads (a pad or EOS token); every prompt has tokens; tokenising ``prompt + choice``
+    keeps the prompt's tokens as a prefix (so a choice usually starts with a space, and a BOS the tokenizer adds
+    stays first) and leaves the choice at least one token of its own; multiple choice (``mode="mc"``): every item
+    has the same number of choices (items are scored in batches).
+    """
+    pad_id(tokenizer)
+    counts: dict[int, int] = {}
+    for position, item in enumerate(items):
+        prompt = tokenizer(item["prompt"])["input_ids"]
+        if len(prompt) == 0:
+            raise ValueError(f"item {position}: the tokenizer gives its prompt no tokens")
+        if mode == "mc":
+            if not item.get("choices"):
+                raise ValueError(f"item {position} has no choices for multiple choice: give choices, or use mode='gen'")
+            counts.setdefault(len(item["choices"]), position)
+            continuations = list(item["choices"])
+        else:
+            continuations = [gold_text(item)]
+        for choice in continuations:
+            try:
+                _, target = encode_pair(tokenizer, item["prompt"], choice)
+            except ValueError as exc:
+                raise ValueError(f"item {position}: {exc} (start choices with a space)") from exc
+            if not target:
+                raise ValueError(f"item {position}: {choice!r} adds no tokens after the prompt")
+    if len(counts) > 1:
+        (a, first), (b, second) = sorted(counts.items())[:2]
+        raise ValueError(
+            f"items have different numbers of choices (item {first}: {a}, item {second}: {b}); multiple-choice "
+            "batches need one count: evaluate them in separate runs"
+        )
 
 
 def score_with(
@@ -154,20 +198,21 @@ def generate_with(rm: RoutedModel, tokenizer: Any, items: Sequence[Item], max_ne
             attention_mask=batch.attention_mask,
             max_new_tokens=max_new_tokens,
             do_sample=False,
-            pad_token_id=_pad_id(tokenizer),
+            pad_token_id=pad_id(tokenizer),
         )
     return decode_continuations(tokenizer, out, batch.prompt_len)
 
 
-def _normalise(text: str) -> str:
+def normalise_answer(text: str) -> str:
+    """Whitespace-normalised text (runs of spaces, tabs and line breaks become one space; ends stripped)."""
     return " ".join(text.split())
 
 
-def _prediction(text: str) -> str:
+def predicted_answer(text: str) -> str:
     """The generated answer: text up to the first line break (as lm-eval's ``until: ["\\n"]``), normalised."""
-    return _normalise(text.strip().split("\n", 1)[0] if text.strip() else "")
+    return normalise_answer(text.strip().split("\n", 1)[0] if text.strip() else "")
 
 
 def answer_matches(text: str, answer: str) -> bool:
     """Exact match of a generated text against the gold answer (first line, whitespace-normalised)."""
-    return _prediction(text) == _normalise(answer)
+    return predicted_answer(text) == normalise_answer(answer)

@@ -181,21 +181,21 @@ def self_consistency_study(rm, tok, args) -> dict:
     """Majority vote over ``n`` samples (temperature 1) per prompt, plain sampling vs SCMoE sampling, beside each
     method's greedy answer; generation mode on ``test_shift``."""
     from reroute import SCMoE, self_consistency, text_sampler
-    from reroute.scoring import _normalise, _prediction
+    from reroute.scoring import normalise_answer, predicted_answer
 
     items = make_split("test_shift", args.sc_limit, seed=0)
     prompts = [item["prompt"] for item in items]
-    gold = [_normalise(item["answer"]) for item in items]
+    gold = [normalise_answer(item["answer"]) for item in items]
     out: dict = {"n": args.sc_n, "items": len(items)}
     generators = {"plain": rm.model.generate, "scmoe (rank2, beta 0.5)": SCMoE(rm, weak="rank2").generate}
     for name, generate in generators.items():
         torch.manual_seed(0)
         sampler = text_sampler(generate, tok, device=rm.model.device, max_new_tokens=4, temperature=1.0,
                                pad_token_id=tok.pad_token_id)  # fmt: skip
-        votes = self_consistency(sampler, prompts, args.sc_n, lambda text: _prediction(text) or None)
+        votes = self_consistency(sampler, prompts, args.sc_n, lambda text: predicted_answer(text) or None)
         greedy = text_sampler(generate, tok, device=rm.model.device, do_sample=False, max_new_tokens=4,
                               pad_token_id=tok.pad_token_id)  # fmt: skip
-        greedy_answers = [_prediction(greedy(prompt, 1)[0]) for prompt in prompts]
+        greedy_answers = [predicted_answer(greedy(prompt, 1)[0]) for prompt in prompts]
         out[name] = {
             "greedy": sum(a == g for a, g in zip(greedy_answers, gold)) / len(items),
             f"maj@{args.sc_n}": sum(v.winner == g for v, g in zip(votes, gold)) / len(items),

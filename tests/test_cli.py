@@ -23,8 +23,17 @@ def test_demo_tiny_shows_routing_move_and_detach_restore(family, tmp_path, capsy
 def test_families_lists_every_family(capsys):
     assert main(["families"]) == 0
     printed = capsys.readouterr().out
-    for name in ("OLMoE", "Mixtral", "DeepSeek-V3", "GPT-OSS", "PhiMoE"):
+    for name in ("OLMoE", "Mixtral", "DeepSeek-V3", "GPT-OSS", "PhiMoE", "sigmoid + e_score_correction_bias"):
         assert name in printed
+
+
+def test_families_prints_the_readme_table(capsys):
+    from pathlib import Path
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    assert main(["families", "--markdown"]) == 0
+    table = capsys.readouterr().out.strip()
+    assert table.startswith("| family | `model_type` | routing rule |") and table in readme
 
 
 def test_unknown_subcommand_exits_with_usage_error():
@@ -144,9 +153,9 @@ def items_file(tmp_path):
     ("argv", "message"),
     [
         (["eval", "--data", "/no/such/items.jsonl"], "no data file /no/such/items.jsonl"),
-        (["eval", "--method", "base,nope"], "unknown method 'nope'"),
         (["eval", "--method", "c3po", "--index", "/no/such/index"], "no reference index folder"),
-        (["eval", "--model", "/no/such/model"], "/no/such/model"),
+        (["eval", "--model", "/no/such/model"], "no such folder /no/such/model"),
+        (["eval", "--method", "c3po", "--reference", "/no/such/ref.jsonl"], "no reference data file"),
     ],
 )
 def test_expected_failures_exit_1_with_one_line(argv, message, capsys):
@@ -164,9 +173,36 @@ def test_unsupported_model_exits_1(dense_checkpoint, items_file, capsys):
     assert "llama" in line.lower() and "Traceback" not in err
 
 
-def test_traceback_flag_shows_the_exception():
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_traceback_flag_shows_the_exception_wherever_it_is(where):
+    argv = ["eval", "--method", "nope"]
     with pytest.raises(ValueError, match="unknown method 'nope'"):
-        main(["--traceback", "eval", "--method", "nope"])
+        main(["--traceback", *argv] if where == "before" else [*argv, "--traceback"])
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_without_cuda_is_one_line(capsys):
+    assert main(["eval", "--device", "cuda", "--limit", "2"]) == 1
+    err = capsys.readouterr().err
+    assert err == "reroute: error: --device cuda: CUDA is not available on this machine; use --device cpu\n"
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["eval", "--method", "base,nope"], "unknown method 'nope'"),
+        (["eval", "--method", "scmoe", "--set", "scmoe.betta=0.3"], "scmoe has no setting 'betta'"),
+        (["eval", "--method", "scmoe", "--set", "rerouting.lr=0.1"], "'rerouting' is not among the evaluated"),
+        (["eval", "--method", "scmoe", "--set", "beta=0.3"], "write METHOD.KEY=VALUE"),
+        (["eval", "--method", "rerouting", "--set", "rerouting.lr=-1"], "rerouting: lr must be positive"),
+        (["eval", "--device", "gpu0"], "is not a device"),
+    ],
+)
+def test_usage_errors_print_usage_and_exit_2(argv, message, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[0].startswith("usage: reroute eval") and err[-1].startswith("reroute eval: error:")
+    assert message in err[-1] and "Traceback" not in "\n".join(err)
 
 
 @pytest.mark.parametrize(
@@ -190,5 +226,85 @@ def test_exit_code_reaches_the_shell():
         text=True,
         timeout=120,
     )
-    assert failed.returncode == 1
-    assert failed.stderr == "reroute: error: unknown method 'x'; known: base, oracle, c3po, rerouting, scmoe\n"
+    assert failed.returncode == 2
+    assert failed.stderr.splitlines()[-1] == (
+        "reroute eval: error: unknown method 'x'; known: base, c3po, rerouting, scmoe, oracle"
+    )
+    missing = subprocess.run(
+        [sys.executable, "-c", "import sys; from reroute.cli import main; sys.exit(main())", "eval", "--data", "/no"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert missing.returncode == 1 and missing.stderr == "reroute: error: no data file /no\n"
+
+
+# ---------------------------------------------------------------------------------------------------- eval JSON, index
+def _items_jsonl(path, n, seed):
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    lines = []
+    for i in range(n):
+        prompt = " ".join(f"w{int(t)}" for t in torch.randint(3, 96, (4,), generator=gen))
+        lines.append(json.dumps({"prompt": prompt, "choices": [" w5", " w6", " w7", " w8"], "label": i % 4}))
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture
+def tiny_folder(tmp_path):
+    from reroute.testing import tiny_model, tiny_tokenizer
+
+    folder = tmp_path / "model"
+    tiny_model("olmoe").save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def test_eval_json_carries_provenance_and_the_paired_difference_to_base(tiny_folder, tmp_path):
+    data = _items_jsonl(tmp_path / "items.jsonl", 8, seed=0)
+    out = tmp_path / "eval.json"
+    argv = ["eval", "--model", str(tiny_folder), "--data", str(data), "--method", "base,scmoe,oracle", "--quiet"]
+    argv += ["--set", "scmoe.beta=0.0", "--set", 'scmoe.weak="top1"', "--set", "oracle.steps=3", "--json", str(out)]
+    assert main([*argv, "--device", "cpu", "--seed", "3"]) == 0
+    base, scmoe, oracle = json.loads(out.read_text())
+    provenance = scmoe["provenance"]
+    assert provenance["model"] == str(tiny_folder.resolve()) and provenance["seed"] == 3
+    assert provenance["method_config"]["beta"] == 0.0 and provenance["method_config"]["weak"] == "top1"
+    assert oracle["provenance"]["method_config"]["steps"] == 3
+    assert provenance["fingerprint"]["model_type"] == "olmoe" and "torch" in provenance["versions"]
+    assert "vs_base" not in base
+    for record in (scmoe, oracle):
+        diff = [float(a) - float(b) for a, b in zip(record["correct"], base["correct"])]
+        assert record["vs_base"]["difference"] == pytest.approx(sum(diff) / len(diff))
+        low, high = record["vs_base"]["ci95"]
+        assert low <= record["vs_base"]["difference"] <= high
+    # beta 0 scores with the strong logits alone (every choice plausible at the default alpha or not): base's ranking
+    # wherever the gold continuation stays plausible; the interval of a zero difference is [0, 0]
+    if scmoe["correct"] == base["correct"]:
+        assert scmoe["vs_base"]["ci95"] == [0.0, 0.0]
+
+
+def test_index_build_and_c3po_on_a_model_that_is_not_the_testbed(tiny_folder, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    data = _items_jsonl(tmp_path / "items.jsonl", 6, seed=0)
+    reference = _items_jsonl(tmp_path / "reference.jsonl", 24, seed=1)
+    common = ["--model", str(tiny_folder), "--device", "cpu", "--quiet"]
+    # without an index or reference items: a usage error, and nothing of the testbed's is read or cached
+    assert main(["eval", *common, "--data", str(data), "--method", "c3po"]) == 2
+    assert "needs --index DIR" in capsys.readouterr().err
+    assert not (tmp_path / "home").exists()
+    # reroute index build, then eval with it
+    assert main(["index", "build", *common, "--data", str(reference), "--out", str(tmp_path / "idx")]) == 0
+    assert "reference items" in capsys.readouterr().err
+    out = tmp_path / "eval.json"
+    c3po = ["--method", "base,c3po", "--set", "c3po.k=1", "--set", "c3po.min_gain=null", "--json", str(out)]
+    assert main(["eval", *common, "--data", str(data), "--index", str(tmp_path / "idx"), *c3po]) == 0
+    with_index = json.loads(out.read_text())
+    assert with_index[1]["provenance"]["method_config"]["k"] == 1
+    # --reference builds the same index into a cache keyed by the model's fingerprint, the data and the embedder
+    assert main(["eval", *common, "--data", str(data), "--reference", str(reference), *c3po]) == 0
+    (cached,) = (tmp_path / "home" / ".cache" / "reroute").iterdir()
+    assert cached.name.startswith("index-") and (cached / "index.json").is_file()
+    assert json.loads(out.read_text())[1]["correct"] == with_index[1]["correct"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import numpy as np
@@ -121,3 +122,52 @@ def test_bootstrap_interval():
     assert bootstrap_ci([True] * 10) == [1.0, 1.0]
     low, high = bootstrap_ci([True, False] * 50, seed=3)
     assert 0.38 < low < 0.5 < high < 0.62
+
+
+@pytest.mark.parametrize(
+    ("items", "mode", "match"),
+    [
+        ([{"prompt": "w5 w6 w7", "choices": ["w8", " w9"], "label": 0}], "mc", "item 0: tokenizing .* as a prefix"),
+        (
+            [
+                {"prompt": "w5 w6", "choices": [" w8", " w9"], "label": 0},
+                {"prompt": "w5", "choices": [" w8", " w9", " w4"], "label": 1},
+            ],
+            "mc",
+            r"different numbers of choices \(item 0: 2, item 1: 3\)",
+        ),
+        ([{"prompt": "w5 w6", "answer": "w7"}], "mc", "item 0 has no choices for multiple choice"),
+        ([{"prompt": "w5 w6", "answer": " "}], "gen", "adds no tokens after the prompt"),
+    ],
+    ids=["choice-merges-with-prompt", "mixed-choice-counts", "no-choices", "empty-answer"],
+)
+def test_tokenizer_assumptions_are_checked_before_anything_runs(setup, items, mode, match):
+    rm, tok = setup
+    calls = []
+    handle = rm.model.register_forward_hook(lambda *args: calls.append(1))
+    try:
+        with pytest.raises(ValueError, match=match):
+            run_eval(rm, tok, items, make_method("scmoe"), mode=mode, progress=False)
+    finally:
+        handle.remove()
+    assert calls == []  # no forward ran
+
+
+def test_a_tokenizer_without_pad_or_eos_is_refused(setup):
+    rm, tok = setup
+    tok = copy.deepcopy(tok)
+    tok.pad_token, tok.eos_token = None, None
+    with pytest.raises(ValueError, match="neither a pad nor an EOS token"):
+        run_eval(rm, tok, _items(2), make_method("base"), progress=False)
+
+
+def test_paired_difference_by_hand():
+    from reroute.eval import paired_difference
+
+    result = paired_difference([True, True, False, True], [True, False, False, False], seed=0, resamples=500)
+    assert result["difference"] == 0.5 and (result["wins"], result["losses"]) == (2, 0)
+    assert 0.0 <= result["ci95"][0] <= 0.5 <= result["ci95"][1] <= 1.0
+    same = paired_difference([True, False], [True, False])
+    assert same["difference"] == 0.0 and same["ci95"] == [0.0, 0.0]
+    with pytest.raises(ValueError, match="same items"):
+        paired_difference([True], [True, False])

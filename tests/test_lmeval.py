@@ -128,10 +128,12 @@ def test_c3po_index_testbed_builds_and_reuses_the_testbed_reference_index(testbe
     options = {"index": "testbed", "reference_size": 24, "k": 2}
     lm = rl.RoutedLM(model, tokenizer=tokenizer, method="c3po", method_args=options)
     (folder,) = (tmp_path / ".cache" / "reroute").iterdir()
-    assert folder.name == "testbed-reference-24-seed0-mc-lexical-question" and (folder / "index.json").is_file()
-    assert 0 < len(lm._c3po.index) <= 24  # the reference items the model answered correctly
+    assert (
+        folder.name.startswith("testbed-reference-24-seed0-mc-lexical-question-") and (folder / "index.json").is_file()
+    )
+    assert 0 < len(lm.routing_method.index) <= 24  # the reference items the model answered correctly
     again = rl.RoutedLM(model, tokenizer=tokenizer, method="c3po", method_args=options)
-    assert again._c3po.index.items == lm._c3po.index.items
+    assert again.routing_method.index.items == lm.routing_method.index.items
 
 
 def test_pretrained_folder_loads_like_hflm_and_attaches(tmp_path):
@@ -154,13 +156,34 @@ def test_pretrained_folder_loads_like_hflm_and_attaches(tmp_path):
     lm.rm.detach()
 
 
+def test_index_testbed_refuses_another_model_and_touches_no_testbed_data(tmp_path, monkeypatch):
+    from reroute.testing import tiny_model, tiny_tokenizer
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    with pytest.raises(ValueError, match="for the testbed model only"):
+        rl.RoutedLM(tiny_model("olmoe"), tokenizer=tiny_tokenizer(), method="c3po", index="testbed")
+    assert not (tmp_path / ".cache").exists()
+
+
+def test_state_loads_a_save_pretrained_folder_with_per_row_state(testbed, tmp_path):
+    """``state=`` reads the documented save_pretrained folders, per-row policies and re-mixing included."""
+    model, tokenizer, rm = testbed
+    rm.set_policy(reroute.RoutingPolicy(top_k=2), layers=rm.moe_layers[-1], rows=[0])
+    rm.set_mixing(rm.moe_layers[0], experts=[0, 1, 2], positions=[[0]], logits=torch.tensor([[2.0, 0.0, -1.0]]))
+    rm.save_pretrained(tmp_path / "state")
+    rm.reset()
+    lm = rl.RoutedLM(model, tokenizer=tokenizer, state=str(tmp_path / "state"))
+    assert rm.layer(rm.moe_layers[-1]).policy_rows is not None and rm.layer(rm.moe_layers[0]).mixing is not None
+    assert lm.rm is rm
+
+
 def test_static_offsets_score_like_the_loaded_state(testbed, tmp_path):
     model, tokenizer, rm = testbed
     layer = rm.moe_layers[-1]
     offsets = torch.zeros(rm.num_experts)
     offsets[:8] = 3.0
     rm.set_offsets({layer: offsets})
-    rm.save(tmp_path / "state")
+    rm.save_pretrained(tmp_path / "state")
     rm.reset()
     items = make_split("test_shift", n=3)
     requests = requests_of(items)
@@ -190,7 +213,8 @@ def test_rerouting_generation_equals_rerouter_with_later_phases(testbed):
 
 
 def test_rerouting_confidence_layers_adapt_each_context_alone(testbed, tasks):
-    """Layers chosen by routing confidence depend on the batch, so each context adapts as a batch of one."""
+    """Layers chosen by routing confidence are chosen per context, so contexts adapted together score as each
+    context adapted alone."""
     model, tokenizer, rm = testbed
     items = load_items(str(tasks[0] / "data.jsonl"))[:6]
     options = {"steps": 2, "layers": "confidence", "ratio": 0.5}
@@ -213,13 +237,15 @@ def test_adaptation_runs_once_per_prompt(testbed, tasks, index, monkeypatch, met
         )
         options = {"index": str(index), "steps": 2}
     else:
-        original = rl.adapt_phase
+        import reroute.rerouting.method as rerouting_method
 
-        def counting(rm, config, layers, delta, input_ids, attention_mask):
+        original = rerouting_method.adapt_phase
+
+        def counting(rm, config, layers, delta, input_ids, attention_mask, **kwargs):
             adapted.append(len(input_ids))
-            return original(rm, config, layers, delta, input_ids, attention_mask)
+            return original(rm, config, layers, delta, input_ids, attention_mask, **kwargs)
 
-        monkeypatch.setattr(rl, "adapt_phase", counting)
+        monkeypatch.setattr(rerouting_method, "adapt_phase", counting)
         options = {"steps": 2}
     lm = rl.RoutedLM(model, tokenizer=tokenizer, method=method, method_args=options, batch_size=8)
     limit = 4
@@ -271,6 +297,8 @@ def test_cache_is_lru():
         ("c3po", {"surrogate": "oracle", "index": "."}, ValueError, "label"),
         ("static", {}, ValueError, "needs state"),
         ("static", {"state": "/no/such/state"}, FileNotFoundError, "no routing state folder"),
+        ("rerouting", {"stepz": 3}, ValueError, "'stepz' is neither an option of method 'rerouting'"),
+        ("base", {"nonsense": 1}, ValueError, "nor an argument of lm-eval's HFLM"),
     ],
 )
 def test_bad_method_or_options_fail_clearly(testbed, method, kwargs, error, match):
@@ -311,12 +339,13 @@ def test_reroute_lm_eval_command(tasks, tmp_path, capsys):
         ("pretrained=testbed,method=nope", "unknown method 'nope'"),
         ("pretrained=testbed,method=scmoe,steps=3", "belongs to c3po, rerouting"),
         ("pretrained=testbed,method=c3po", "needs index"),
+        ("pretrained=testbed,method=rerouting,stepz=3", "'stepz' is neither an option of method 'rerouting'"),
     ],
 )
-def test_reroute_lm_eval_bad_model_args_exit_1_with_one_line(model_args, message, capsys):
-    assert main(["lm-eval", "--model_args", model_args, "--tasks", MC]) == 1
+def test_reroute_lm_eval_bad_model_args_are_usage_errors(model_args, message, capsys):
+    assert main(["lm-eval", "--model_args", model_args, "--tasks", MC]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("reroute: error:") and message in err
+    assert err.startswith("reroute: error: --model_args:") and message in err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
 
 

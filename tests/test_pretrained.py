@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 
 import pytest
@@ -12,7 +13,7 @@ from safetensors.torch import load_file, save_file
 
 import reroute
 from reroute import C3POConfig, ExpertMask, RerouteConfig, RerouterConfig, RoutingPolicy, SCMoEConfig
-from reroute.pretrained import CONFIG_NAME, STATE_NAME
+from reroute.pretrained import CONFIG_NAME, LEGACY_CONFIG_NAME, STATE_NAME, convert_legacy
 from reroute.testing import tiny_model
 
 
@@ -98,15 +99,89 @@ def test_method_objects_store_their_config(tmp_path):
         rm.save_pretrained(tmp_path / "bad", method={"steps": 3})
 
 
-def test_older_save_folders_load_too(tokens, tmp_path):
+def _legacy_folder(rm: reroute.RoutedModel, folder) -> None:
+    """What the older ``rm.save`` wrote (offsets, layer policies and masks), byte for byte its layout."""
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({f"offsets.{i}": layer.offsets.detach().cpu().contiguous() for i, layer in rm.layers.items()},
+              str(folder / STATE_NAME))  # fmt: skip
+    record = {
+        "format": "reroute-routing-state",
+        "version": 1,
+        "fingerprint": rm.fingerprint(),
+        "policies": {str(i): c.policy.to_dict() for i, c in rm.layers.items() if c.policy is not None},
+        "masks": {str(i): c.mask.to_dict() for i, c in rm.layers.items() if c.mask is not None},
+    }
+    (folder / LEGACY_CONFIG_NAME).write_text(json.dumps(record, indent=2) + "\n")
+
+
+def test_older_save_folders_load_through_the_one_converter(tokens, tmp_path):
     model = tiny_model("olmoe")
     rm = reroute.attach(model)
     rm.set_offsets(torch.ones(len(rm.moe_layers), rm.num_experts).cumsum(-1))
+    rm.set_policy(RoutingPolicy(top_k=1), layers=rm.moe_layers[-1])
+    rm.set_mask(ExpertMask(banned=(2,)), layers=rm.moe_layers[0])
     adapted = _logits(model, tokens)
-    rm.save(tmp_path)
+    _legacy_folder(rm, tmp_path / "old")
+    config, tensors = convert_legacy(tmp_path / "old")
+    assert config.family == "olmoe" and config.state["policies"] == {str(rm.moe_layers[-1]): {"top_k": 1}}
+    assert sorted(tensors) == sorted(f"offsets.{i}" for i in rm.moe_layers)
     fresh = tiny_model("olmoe")
-    reroute.from_pretrained(fresh, tmp_path)
+    reroute.from_pretrained(fresh, tmp_path / "old")
     assert torch.equal(_logits(fresh, tokens), adapted)
+    # saving again writes the one format (the older config is gone, nothing else in the folder)
+    reroute.attach(fresh).save_pretrained(tmp_path / "old")
+    assert sorted(p.name for p in (tmp_path / "old").iterdir()) == [CONFIG_NAME, STATE_NAME]
+
+
+def test_deprecated_save_keeps_every_kind_of_state(tokens, tmp_path):
+    """``rm.save`` used to drop per-row offsets, per-row policies and re-mixing; it is now ``save_pretrained``."""
+    model = tiny_model("olmoe")
+    rm = reroute.attach(model)
+    _adapt(rm)
+    adapted = _logits(model, tokens)
+    with pytest.warns(DeprecationWarning, match="save_pretrained"):
+        rm.save(tmp_path)
+    fresh = reroute.attach(tiny_model("olmoe"))
+    with pytest.warns(DeprecationWarning, match="load_pretrained"):
+        fresh.load(tmp_path)
+    assert torch.equal(_logits(fresh.model, tokens), adapted)
+    last = fresh.layer(rm.moe_layers[-1])
+    assert last.row_offsets is not None and last.policy_rows is not None
+    assert fresh.layer(rm.moe_layers[0]).mixing is not None
+
+
+def test_save_is_atomic(tmp_path, monkeypatch):
+    rm = reroute.attach(tiny_model("olmoe"))
+    rm.set_offsets({rm.moe_layers[0]: torch.full((rm.num_experts,), 1.0)})
+    rm.save_pretrained(tmp_path / "state")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "state").iterdir()}
+    rm.set_offsets({rm.moe_layers[0]: torch.full((rm.num_experts,), 2.0)})
+
+    def fail(self, directory):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(RerouteConfig, "save_pretrained", fail)  # the JSON write fails after the tensors
+    with pytest.raises(OSError, match="disk full"):
+        rm.save_pretrained(tmp_path / "state")
+    assert {p.name: p.read_bytes() for p in (tmp_path / "state").iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["state"]  # no temporary folder left behind
+    monkeypatch.undo()
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match="it is a file; pass a folder path"):
+        rm.save_pretrained(tmp_path / "file")
+
+
+def test_a_folder_mixing_two_saves_is_refused(tmp_path):
+    rm = reroute.attach(tiny_model("olmoe"))
+    rm.save_pretrained(tmp_path / "a")
+    rm.set_offsets({rm.moe_layers[0]: torch.full((rm.num_experts,), 1.0)})
+    rm.save_pretrained(tmp_path / "b")
+    (tmp_path / "a" / STATE_NAME).write_bytes((tmp_path / "b" / STATE_NAME).read_bytes())
+    target = _target()
+    before = _state(target)
+    with pytest.raises(ValueError, match="come from different saves"):
+        target.load_pretrained(tmp_path / "a")
+    assert _same(_state(target), before)
 
 
 @pytest.fixture
@@ -136,6 +211,14 @@ def _target():
     rm.set_offsets({rm.moe_layers[1]: torch.full((rm.num_experts,), 0.5)})
     rm.set_policy(RoutingPolicy(top_p=0.5), layers=rm.moe_layers[0])
     return rm
+
+
+def _rewrite_tensors(folder, **changes):
+    """Tamper with the tensors and record their new checksum (a consistent folder with bad content)."""
+    save_file({**load_file(str(folder / STATE_NAME)), **changes}, str(folder / STATE_NAME))
+    _rewrite_config(
+        folder, lambda r: r.update(tensors_sha256=hashlib.sha256((folder / STATE_NAME).read_bytes()).hexdigest())
+    )
 
 
 def _rewrite_config(folder, change):
@@ -178,17 +261,23 @@ def _rewrite_config(folder, change):
             "at most one of",
         ),
         (
-            lambda f: save_file({**load_file(str(f / STATE_NAME)), "offsets.2": torch.zeros(5)}, str(f / STATE_NAME)),
+            lambda f: _rewrite_tensors(f, **{"offsets.2": torch.zeros(5)}),
             ValueError,
             r"does not fit this model.*offsets for layer 2 must have shape \[8\]",
         ),
         (
-            lambda f: save_file(
-                {**load_file(str(f / STATE_NAME)), "mixing.0.experts": torch.tensor([[0, 0, 1]])}, str(f / STATE_NAME)
-            ),
+            lambda f: _rewrite_tensors(f, **{"mixing.0.experts": torch.tensor([[0, 0, 1]])}),
             ValueError,
             "must not repeat",
         ),
+        (lambda f: _rewrite_tensors(f, **{"policy_rows.2": torch.tensor([0.0, 1.0])}), ValueError, "bool or integer"),
+        (
+            lambda f: _rewrite_tensors(f, **{"mixing.0.experts": torch.zeros(2, 0, dtype=torch.long)}),
+            ValueError,
+            "C >= 1 core experts",
+        ),
+        (lambda f: _rewrite_tensors(f, **{"mixing.0.positions": torch.tensor([[7.5], [7.0]])}), ValueError, "integer"),
+        (lambda f: _rewrite_tensors(f, **{"offsets.1": torch.ones(8)}), None, None),
     ],
     ids=[
         "no-config",
@@ -203,12 +292,20 @@ def _rewrite_config(folder, change):
         "bad-policy",
         "wrong-shape",
         "bad-mixing",
+        "float-policy-rows",
+        "no-core-experts",
+        "float-positions",
+        "control-valid",
     ],
 )
 def test_bad_folders_are_clear_errors_and_change_nothing(saved, damage, error, match):
     damage(saved)
     target = _target()
     before = _state(target)
+    if error is None:  # the control: the same tampering route with valid values loads (and changes the state)
+        target.load_pretrained(saved)
+        assert not _same(_state(target), before)
+        return
     with pytest.raises(error, match=match):
         target.load_pretrained(saved)
     assert _same(_state(target), before)

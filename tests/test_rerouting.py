@@ -274,3 +274,44 @@ def test_no_gradient_is_left_on_the_layer_offsets(rm, context):
     ids, mask = context
     Rerouter(rm, steps=2, layers="all").generate(input_ids=ids, attention_mask=mask, max_new_tokens=2)
     assert all(p.grad is None and p.requires_grad for p in rm.offsets.parameters())
+
+
+def test_protocol_path_selects_per_row_and_keeps_user_row_offsets(rm, context):
+    """The registry's path (adapt_contexts, applied, split/stack, generate_from) adapts as generate()'s first phase
+    does: layers chosen per row, δ on top of the user's row offsets, which are back (the same tensors) after each
+    call."""
+    from reroute.scoring import ContinuationBatch, padded_logits
+
+    ids, mask = context
+    gen = torch.Generator().manual_seed(5)
+    user = {idx: torch.randn(ids.shape[0], rm.num_experts, generator=gen) for idx in rm.moe_layers}
+    rm.set_row_offsets(user)
+    config = RerouterConfig(layers="confidence", ratio=0.34, steps=2, lr=0.2)
+    method = Rerouter(rm, config)
+    prompts = ContinuationBatch(ids, mask, torch.zeros_like(ids, dtype=torch.bool), ids.shape[1])
+    state = method.adapt_contexts([{"prompt": ""}] * ids.shape[0], prompts)
+    assert all(rm.layer(idx).row_offsets is user[idx] for idx in rm.moe_layers)
+    reference = Rerouter(rm, config)
+    reference.generate(input_ids=ids, attention_mask=mask, max_new_tokens=1, do_sample=False)
+    torch.testing.assert_close(state.delta, reference.phases[0].delta)
+    chosen = [frozenset(idx for idx, w in state.layers.items() if w[b] == 1.0) for b in range(ids.shape[0])]
+    assert len(set(chosen)) > 1, "the rows of this context choose different layers"
+
+    restacked = method.stack_states(method.split_state(state, ids.shape[0]))
+    assert list(restacked.layers) == list(state.layers)
+    assert all(torch.equal(restacked.layers[idx], state.layers[idx]) for idx in state.layers)
+    assert torch.equal(restacked.delta, state.delta)
+
+    logits = method.next_token_logits(prompts, state)
+    rm.set_row_offsets({idx: user[idx] + state.delta[:, j] for j, idx in enumerate(state.layers)})
+    with torch.no_grad():
+        expected = padded_logits(rm.model, ids, mask)[:, :-1]
+    rm.set_row_offsets(user)
+    torch.testing.assert_close(logits, expected)
+    assert all(rm.layer(idx).row_offsets is user[idx] for idx in rm.moe_layers)
+
+    kwargs = {"max_new_tokens": 3, "do_sample": False, "pad_token_id": 0}
+    ours = method.generate_from(ids, mask, state, **kwargs)
+    theirs = Rerouter(rm, config).generate(input_ids=ids, attention_mask=mask, **kwargs)
+    assert torch.equal(ours, theirs)
+    assert all(rm.layer(idx).row_offsets is user[idx] for idx in rm.moe_layers)

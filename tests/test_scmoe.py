@@ -14,7 +14,7 @@ from conftest import Collect
 import reroute
 from reroute import RoutingPolicy, SCMoE, SCMoEConfig
 from reroute.scmoe import RANDOM_OFFSET, self_contrast
-from reroute.scmoe.decoding import suppress_tokens
+from reroute.scmoe.method import suppress_tokens
 from reroute.scoring import padded_logits
 from reroute.testing import tiny_model, tiny_tokenizer
 
@@ -236,7 +236,7 @@ def test_scoring_logprobs_are_the_contrast_where_plausible_and_strong_elsewhere(
 def test_multiple_choice_is_not_ranked_by_minus_inf():
     """With alpha=1 only each position's top token is plausible: the old -inf scores tied every item (arg-max then
     picks choice 0); now choices are ranked by finite scores and no item ties."""
-    from reroute.eval.methods import SCMoEMethod
+    from reroute.eval import make_method, run_eval
 
     rm = reroute.attach(contrast_model("olmoe"))
     tok = tiny_tokenizer()
@@ -249,10 +249,9 @@ def test_multiple_choice_is_not_ranked_by_minus_inf():
         }
         for _ in range(6)
     ]
-    method = SCMoEMethod(options={"alpha": 1.0})
-    picks = method.score_choices(rm, tok, items)
-    assert method.stats["ties"] == 0
-    assert set(picks) != {0}
+    result = run_eval(rm, tok, items, make_method("scmoe", alpha=1.0), mode="mc", progress=False)
+    assert result.stats["ties"] == 0
+    assert not all(result.correct)  # every label is 0: not every pick is choice 0
     old = torch.log_softmax(SCMoE(rm, alpha=1.0).contrasted_logits(*_choice_rows(tok, items)), -1)
     assert torch.isinf(old).any()  # the contrast itself is -inf off the plausible set
 

@@ -61,14 +61,14 @@ def test_save_load_round_trip(family, model, tokens, tmp_path):
     rm.set_mask(ExpertMask(banned=(1,)), layers=rm.moe_layers[0])
     with torch.no_grad():
         adapted = model(tokens).logits
-    rm.save(tmp_path)
-    config = json.loads((tmp_path / "routing_config.json").read_text())
+    rm.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "reroute_config.json").read_text())
     assert config["fingerprint"]["model_type"] == family
     assert not list(tmp_path.glob("*.pt")) and not list(tmp_path.glob("*.pkl"))
     rm.reset()
     with torch.no_grad():
         assert not torch.equal(model(tokens).logits, adapted)
-    rm.load(tmp_path)
+    rm.load_pretrained(tmp_path)
     with torch.no_grad():
         assert torch.equal(model(tokens).logits, adapted)
 
@@ -76,18 +76,18 @@ def test_save_load_round_trip(family, model, tokens, tmp_path):
 def test_load_onto_other_architecture_is_an_error_and_changes_nothing(tmp_path):
     source = reroute.attach(tiny_model("olmoe"))
     source.set_offsets(torch.ones(len(source.moe_layers), source.num_experts))
-    source.save(tmp_path)
+    source.save_pretrained(tmp_path)
     for other in ("mixtral", "deepseek_v3"):
         target = reroute.attach(tiny_model(other))
         before = target.offsets.stack()
-        with pytest.raises(ValueError, match="another architecture"):
-            target.load(tmp_path)
+        with pytest.raises(ValueError, match="saved for a 'olmoe' model"):
+            target.load_pretrained(tmp_path)
         assert torch.equal(target.offsets.stack(), before)
     with pytest.raises(FileNotFoundError):
-        source.load(tmp_path / "missing")
-    (tmp_path / "routing_config.json").write_text("{not json")
+        source.load_pretrained(tmp_path / "missing")
+    (tmp_path / "reroute_config.json").write_text("{not json")
     with pytest.raises(ValueError, match="not valid JSON"):
-        source.load(tmp_path)
+        source.load_pretrained(tmp_path)
 
 
 def _state(rm):

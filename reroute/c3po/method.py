@@ -13,14 +13,17 @@ positions only (decode steps route as usual).
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from reroute.attach import RoutedModel
+from reroute.c3po.config import KERNELS, SURROGATES, C3POConfig  # noqa: F401  (KERNELS, SURROGATES: re-exported)
 from reroute.c3po.embed import make_embedder, prompt_state
 from reroute.c3po.index import ReferenceIndex, ReferenceIndexError
 from reroute.c3po.oracle import optimise_oracle
@@ -35,65 +38,8 @@ from reroute.c3po.surrogates import (
     neighbourhood_gd,
 )
 from reroute.data import Item
-from reroute.scoring import choice_batch, continuation_logprobs, gold_batch, prompt_batch
-
-SURROGATES = ("ngd", "kernel", "mode", "oracle")
-KERNELS = ("gaussian", "matern", "polynomial", "linear")
-
-
-@dataclass
-class C3POConfig:
-    """C3PO hyperparameters; defaults are the paper's OLMoE settings where it states them."""
-
-    surrogate: str = field(default="ngd", metadata={"help": "ngd | kernel | mode | oracle (reads labels)"})
-    k: int = field(default=3, metadata={"help": "neighbours per test item (paper Table 4: k=3 best)"})
-    kernel: str = field(default="gaussian", metadata={"help": "gaussian | matern | polynomial | linear"})
-    bandwidth: float | None = field(default=None, metadata={"help": "kernel bandwidth; None = median distance"})
-    critical_layers: int | float | list[int] = field(
-        default=5, metadata={"help": "last n MoE layers, a fraction of them, or explicit layer indices"}
-    )
-    core_experts: int | float = field(default=20, metadata={"help": "top-n experts per item, or a fraction of E"})
-    last_tokens: int = field(default=1, metadata={"help": "re-mix the last n prompt tokens (paper: 1)"})
-    steps: int = field(default=10, metadata={"help": "optimisation steps (NGD, oracle)"})
-    lr: float = field(default=0.1, metadata={"help": "Adam learning rate on the mixing logits"})
-    exclude_above: float = field(default=0.95, metadata={"help": "drop neighbours more similar than this"})
-    mode_iterations: int = field(default=5, metadata={"help": "mean-shift iterations"})
-    mode_alpha: float = field(default=0.5, metadata={"help": "mean-shift step: x <- a x + (1 - a) mean"})
-    kernel_alphas: tuple[float, ...] = field(
-        default=(0.0, 0.25, 0.5, 0.75), metadata={"help": "blend weights tried by kernel regression (1 = own)"}
-    )
-    min_agreement: float | None = field(
-        default=None, metadata={"help": "gate: keep base routing when neighbours' pathway similarity is lower"}
-    )
-    min_gain: float | None = field(
-        default=0.0, metadata={"help": "gate: keep base routing when the neighbours' loss falls by less (relative)"}
-    )
-    max_confidence: float | None = field(
-        default=0.99,
-        metadata={
-            "help": "gate: keep base routing when the model's next-token probability at the last prompt token is "
-            "at least this (do not re-mix what the model is already sure of; None: off; not applied to the oracle)"
-        },
-    )
-    reuse_prefix: bool = field(default=True, metadata={"help": "compute layers below the critical ones once"})
-
-    def __post_init__(self) -> None:
-        if self.surrogate not in SURROGATES:
-            raise ValueError(f"surrogate must be one of {SURROGATES}, got {self.surrogate!r}")
-        if self.kernel not in KERNELS:
-            raise ValueError(f"kernel must be one of {KERNELS}, got {self.kernel!r}")
-        for name in ("k", "last_tokens", "mode_iterations"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if not isinstance(self.steps, int) or self.steps < 0:
-            raise ValueError(f"steps must be a non-negative integer, got {self.steps!r}")
-        if not (isinstance(self.lr, (int, float)) and 0 < self.lr < float("inf")):
-            raise ValueError(f"lr must be positive and finite, got {self.lr!r}")
-        if self.max_confidence is not None and not 0.0 < self.max_confidence <= 1.0:
-            raise ValueError(f"max_confidence must be in (0, 1] or None, got {self.max_confidence}")
-        if not 0.0 < self.exclude_above <= 1.0:
-            raise ValueError(f"exclude_above must be in (0, 1], got {self.exclude_above}")
+from reroute.methods import RoutingMethod, register_method, repeat_rows
+from reroute.scoring import ContinuationBatch, choice_batch, continuation_logprobs, gold_batch, prompt_batch
 
 
 @dataclass
@@ -122,8 +68,14 @@ class Adaptation:
     confidence: torch.Tensor | None = None
 
 
-class C3PO:
+class C3PO(RoutingMethod):
     """Collaborative pathway optimisation for a batch of test items at a time (all items adapt in one pass)."""
+
+    resources = {
+        "index": "reference index: a ReferenceIndex, its folder, or 'testbed' (the testbed's, built and cached)",
+        "embedder": "retrieval embedder when it is not the one the index records",
+        "reference_size": "reference items run to build index='testbed' (default 800)",
+    }
 
     def __init__(
         self,
@@ -312,6 +264,85 @@ class C3PO:
         finally:
             self.rm.clear_mixing(self.layers)
 
+    # --------------------------------------------------------------------------------------------- protocol
+    @classmethod
+    def from_config(
+        cls,
+        rm: RoutedModel,
+        tokenizer: Any,
+        config: C3POConfig,
+        index: ReferenceIndex | str | Path | None = None,
+        embedder: Any = None,
+        reference_size: int = 800,
+    ) -> C3PO:
+        """C3PO for the registry: ``index`` a :class:`ReferenceIndex`, a folder holding one, or ``"testbed"``."""
+        if isinstance(index, str) and index == "testbed":
+            from reroute.testbed.reference import DEFAULT_EMBEDDER, reference_index
+
+            embedder = DEFAULT_EMBEDDER if embedder is None else embedder
+            if not isinstance(embedder, str):
+                raise ValueError("index='testbed' builds the testbed's index: pass the embedder as a name")
+            index = reference_index(rm, tokenizer, n=int(reference_size), embedder=embedder)
+        elif index is not None and not isinstance(index, ReferenceIndex):
+            index = ReferenceIndex.load(index, rm)
+        return cls(rm, index, tokenizer, config, embedder=embedder)
+
+    @classmethod
+    def check_options(cls, config: C3POConfig, resources: dict[str, Any]) -> None:
+        index = resources.get("index")
+        if index is None and config.surrogate not in ("mode", "oracle"):
+            raise ValueError("C3PO needs index=<reference index folder> (or index=testbed on the testbed)")
+        if isinstance(index, (str, Path)) and str(index) != "testbed" and not Path(index).is_dir():
+            raise FileNotFoundError(f"no reference index folder {index}")
+
+    @classmethod
+    def reads_labels(cls, config: C3POConfig) -> bool:
+        return config.surrogate == "oracle"
+
+    def adapt_contexts(self, items: Sequence[Item], prompts: ContinuationBatch) -> Adaptation:
+        adaptation = self.adapt(items)
+        rows = len(items)
+        self.add_stats(
+            forward_passes=adaptation.stats["forward_passes"] * rows,
+            backward_passes=adaptation.stats["backward_passes"] * rows,
+            abstained=float(adaptation.abstained.sum()),
+        )
+        return adaptation
+
+    def split_state(self, state: Adaptation, rows: int) -> list[Adaptation]:
+        return [
+            Adaptation(state.pathway.select([i]), state.abstained[i : i + 1], state.neighbours[i : i + 1], state.stats)
+            for i in range(rows)
+        ]
+
+    def stack_states(self, states: Sequence[Adaptation]) -> Adaptation:
+        first = states[0].pathway
+        pathway = Pathway(
+            list(first.layers),
+            {layer: torch.cat([s.pathway.experts[layer] for s in states]) for layer in first.layers},
+            {layer: torch.cat([s.pathway.logits[layer] for s in states]) for layer in first.layers},
+        )
+        return Adaptation(
+            pathway, torch.cat([s.abstained for s in states]), torch.cat([s.neighbours for s in states]), {}
+        )
+
+    @contextlib.contextmanager
+    def applied(self, state: Adaptation | None, batch: ContinuationBatch) -> Iterator[None]:
+        if state is None:
+            yield
+            return
+        repeat_rows(len(state.abstained), batch.input_ids.shape[0])
+        self.apply(state, batch.prompt_len)  # rows expand item-major over the batch
+        try:
+            yield
+        finally:
+            self.rm.clear_mixing(self.layers)
+
+    def generate_from(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, state: Any = None, **generate_kwargs: Any
+    ) -> Any:
+        return self.generate(input_ids=input_ids, attention_mask=attention_mask, adaptation=state, **generate_kwargs)
+
 
 def _relative_gain(result: SurrogateResult) -> torch.Tensor:
     before, after = result.loss_before.detach().float().cpu(), result.loss_after.detach().float().cpu()
@@ -324,3 +355,6 @@ def _embedder_spec(index: ReferenceIndex) -> str | None:
     if index.embedder_name.startswith("sentence-transformers:"):
         return index.embedder_name.split(":", 1)[1]
     raise ReferenceIndexError(f"the index was built with {index.embedder_name}; pass the same embedder object")
+
+
+register_method("c3po", C3POConfig, C3PO)

@@ -16,8 +16,16 @@ import torch
 
 from reroute.attach import RoutedModel
 from reroute.data import Item
+from reroute.methods import RoutingMethod
 from reroute.progress import progress_bar
-from reroute.scoring import answer_matches
+from reroute.scoring import (
+    answer_matches,
+    check_tokenizer,
+    choice_batch,
+    decode_continuations,
+    pad_id,
+    prompt_batch,
+)
 
 
 @dataclass
@@ -32,7 +40,8 @@ class EvalResult:
         seconds_per_item: wall time per item (adaptation included).
         experts_per_token: mean experts with non-zero weight per routed token, over every forward the method ran.
         per_domain: accuracy per item domain, when items carry one.
-        stats: method-specific costs (e.g. forward/backward passes per item).
+        stats: method-specific costs (e.g. forward/backward passes per item); for a method that ``reports_ties``,
+            ``ties``: the share of multiple-choice items whose best score several choices share.
         correct: per-item correctness, in item order.
     """
 
@@ -63,6 +72,25 @@ def bootstrap_ci(correct: Sequence[bool], seed: int = 0, resamples: int = 2000) 
     return [float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))]
 
 
+def paired_difference(
+    correct: Sequence[bool], base: Sequence[bool], seed: int = 0, resamples: int = 2000
+) -> dict[str, Any]:
+    """Accuracy difference to ``base`` on the same items with a 95% paired percentile-bootstrap interval (the items
+    are resampled together, so the interval reflects how often the two runs agree item by item), and the items
+    won and lost."""
+    if len(correct) != len(base) or not correct:
+        raise ValueError(f"a paired difference needs two runs over the same items, got {len(correct)} and {len(base)}")
+    diff = np.asarray(correct, dtype=np.float64) - np.asarray(base, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    means = diff[rng.integers(0, diff.size, size=(resamples, diff.size))].mean(axis=1)
+    return {
+        "difference": float(diff.mean()),
+        "ci95": [float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))],
+        "wins": int((diff > 0).sum()),
+        "losses": int((diff < 0).sum()),
+    }
+
+
 def run_eval(
     rm: RoutedModel,
     tokenizer: Any,
@@ -74,33 +102,55 @@ def run_eval(
     seed: int = 0,
     progress: bool = True,
 ) -> EvalResult:
-    """Answer ``items`` with ``method`` and score them.
+    """Answer ``items`` with ``method`` (a :func:`~reroute.eval.make_method` spec or a built
+    :class:`~reroute.methods.RoutingMethod`) and score them.
 
-    ``mc``: the choice with the highest summed log-likelihood must be ``item["label"]``. ``gen``: the greedy answer
-    (whitespace-normalised) must equal ``item["answer"]`` (or the labelled choice).
+    Per batch the method adapts to the prompts (:meth:`~reroute.methods.RoutingMethod.adapt_contexts`), then
+    ``mc``: the choice with the highest summed log-likelihood under that state must be ``item["label"]``;
+    ``gen``: the greedy answer (first line, whitespace-normalised) must equal ``item["answer"]`` (or the labelled
+    choice). The tokenizer's assumptions are checked on every item first (:func:`reroute.scoring.check_tokenizer`).
     """
     if mode not in ("mc", "gen"):
         raise ValueError(f"mode must be 'mc' or 'gen', got {mode!r}")
     if not items:
         raise ValueError("no items to evaluate")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    check_tokenizer(tokenizer, items, mode)
+    if not isinstance(method, RoutingMethod):
+        method = method.build(rm, tokenizer)
+    name = getattr(method, "name", type(method).__name__)
     torch.manual_seed(seed)
     correct: list[bool] = []
     routed_tokens = active = 0
     method.stats.clear()
     start = time.perf_counter()
     batches = [items[i : i + batch_size] for i in range(0, len(items), batch_size)]
-    with progress_bar(progress, f"{method.name} · {split} · {mode}", len(items)) as advance:
+    with progress_bar(progress, f"{name} · {split} · {mode}", len(items)) as advance:
         for batch in batches:
             with rm.trace(device="cpu") as trace:
+                prompts = prompt_batch(tokenizer, [item["prompt"] for item in batch])
+                state = method.adapt_contexts(batch, prompts)
                 if mode == "mc":
-                    predictions = method.score_choices(rm, tokenizer, batch)
-                    correct += [int(p) == int(item["label"]) for p, item in zip(predictions, batch)]
+                    rows, n_choices = choice_batch(tokenizer, batch)
+                    scores = method.continuation_logprobs(rows, state).logprob.view(len(batch), n_choices)
+                    if method.reports_ties:
+                        ties = (scores == scores.max(-1, keepdim=True).values).sum(-1) > 1
+                        method.add_stats(ties=float(ties.sum()))
+                    correct += [int(p) == int(item["label"]) for p, item in zip(scores.argmax(-1).tolist(), batch)]
                 else:
                     answers = [_answer(item) for item in batch]
                     budget = max(len(tokenizer(" " + a)["input_ids"]) for a in answers) + 2
-                    texts = method.generate(rm, tokenizer, batch, budget)
+                    prompts = prompts.to(rm.model.device)
+                    out = method.generate_from(
+                        prompts.input_ids,
+                        prompts.attention_mask,
+                        state,
+                        max_new_tokens=budget,
+                        do_sample=False,
+                        pad_token_id=pad_id(tokenizer),
+                    )
+                    texts = decode_continuations(tokenizer, out, prompts.prompt_len)
                     correct += [answer_matches(t, a) for t, a in zip(texts, answers)]
             for records in trace.records.values():
                 for record in records:
@@ -113,7 +163,7 @@ def run_eval(
         d: float(np.mean([c for c, item in zip(correct, items) if str(item.get("domain")) == d])) for d in domains
     }
     return EvalResult(
-        method=method.name,
+        method=name,
         split=split,
         mode=mode,
         n=len(correct),

@@ -2,12 +2,12 @@
 
 from reroute.rerouting.adapt import (
     PhaseResult,
-    RerouterConfig,
     adapt_phase,
     context_loss,
     routing_confidence,
     select_layers,
 )
+from reroute.rerouting.config import RerouterConfig
 from reroute.rerouting.method import Rerouter, rerouting_generate
 
 __all__ = [

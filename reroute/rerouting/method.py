@@ -12,7 +12,9 @@ whole context under the new routing (``rebuild_cache=False`` keeps the stale cac
 
 from __future__ import annotations
 
-from dataclasses import replace
+import contextlib
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -21,13 +23,41 @@ from transformers.generation.logits_process import LogitsProcessorList
 from transformers.generation.stopping_criteria import StoppingCriteriaList
 
 from reroute.attach import RoutedModel, attach
+from reroute.data import Item
 from reroute.generation import DecodingMethod, ModelStream
-from reroute.rerouting.adapt import PhaseResult, RerouterConfig, adapt_phase, routing_confidence, select_layers
+from reroute.methods import RoutingMethod, register_method, repeat_rows
+from reroute.rerouting.adapt import (
+    PhaseResult,
+    adapt_phase,
+    install_row_offsets,
+    routing_confidence,
+    select_layers,
+)
+from reroute.rerouting.config import RerouterConfig
+from reroute.scoring import ContinuationBatch
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
     from transformers.generation.streamers import BaseStreamer
     from transformers.generation.utils import GenerateDecoderOnlyOutput
+
+
+@dataclass
+class RowOffsets:
+    """Rerouting's adapted state for a batch of contexts: each selected layer's gradient weight per row
+    ``{layer: [rows]}`` (0 where a row did not select the layer; CPU float32) and δ ``[rows, L_sel, E]`` (column
+    ``j`` belongs to the ``j``-th selected layer)."""
+
+    layers: dict[int, torch.Tensor]
+    delta: torch.Tensor
+
+
+def _row_weights(layers: Mapping[int, float | torch.Tensor], rows: int) -> dict[int, torch.Tensor]:
+    """:func:`select_layers`' weights (one float for all rows, or ``[rows]``) as ``{layer: [rows]}`` per row."""
+    return {
+        idx: torch.as_tensor(weight, dtype=torch.float32).reshape(-1).expand(rows).cpu().clone()
+        for idx, weight in layers.items()
+    }
 
 
 class _ReroutingScorer:
@@ -40,7 +70,7 @@ class _ReroutingScorer:
         self.delta: torch.Tensor | None = None
         self.layers: dict[int, float] | dict[int, torch.Tensor] = {}
         # row offsets the user set: δ adds to them during the call, and they are back afterwards
-        self.saved = {idx: self.rm.layer(idx).row_offsets for idx in self.rm.moe_layers}
+        self.saved = method._user_row_offsets()
 
     @property
     def cache(self) -> Any:
@@ -52,6 +82,15 @@ class _ReroutingScorer:
 
     def _phase(self, input_ids: torch.LongTensor) -> None:
         mask = self._mask(input_ids)
+        prefill = self.method._prefill
+        if self.delta is None and prefill is not None:  # the first phase was run before (RoutingMethod protocol)
+            rows = repeat_rows(prefill.delta.shape[0], input_ids.shape[0])  # num_return_sequences rows share it
+            weights = _row_weights(prefill.layers, prefill.delta.shape[0])
+            self.layers = {idx: w.repeat_interleave(rows) for idx, w in weights.items()}
+            self.delta = prefill.delta.repeat_interleave(rows, dim=0)
+            if self.layers:
+                install_row_offsets(self.rm, list(self.layers), self.delta, base=self.saved)
+            return
         if self.delta is None:  # the first phase of this prompt: choose layers, δ = 0
             confidence = (
                 routing_confidence(self.rm, input_ids, mask, per_row=True)
@@ -81,7 +120,7 @@ class _ReroutingScorer:
         return self.stream.prefill(input_ids)
 
 
-class Rerouter(DecodingMethod):
+class Rerouter(DecodingMethod, RoutingMethod):
     """Continuous rerouting on an attached model.
 
     Args:
@@ -98,17 +137,104 @@ class Rerouter(DecodingMethod):
         self.config = replace(config, **overrides) if config is not None else RerouterConfig(**overrides)
         select_layers(rm, self.config, {i: 0.0 for i in rm.moe_layers})  # fail early on a bad layer list
         self.phases: list[PhaseResult] = []
+        self._prefill: RowOffsets | None = None
 
     def scorer(self, stream: ModelStream) -> _ReroutingScorer:
         return _ReroutingScorer(self, stream)
 
     def finish(self, scorer: _ReroutingScorer) -> None:
-        for idx, row_offsets in scorer.saved.items():  # δ lives for this call only
+        self._restore(scorer.saved)  # δ lives for this call only
+
+    # --------------------------------------------------------------------------------------------- protocol
+    def _record(self, phases: Sequence[PhaseResult], rows: int) -> None:
+        for phase in phases:
+            self.add_stats(forward_passes=phase.forward_passes * rows, backward_passes=phase.backward_passes * rows)
+
+    def _user_row_offsets(self) -> dict[int, torch.Tensor | None]:
+        """The row offsets set before the method runs, per MoE layer: δ adds to them, and they are put back."""
+        return {idx: self.rm.layer(idx).row_offsets for idx in self.rm.moe_layers}
+
+    def _restore(self, saved: Mapping[int, torch.Tensor | None]) -> None:
+        for idx, row_offsets in saved.items():
             self.rm.layer(idx).row_offsets = row_offsets
+
+    def adapt_contexts(self, items: Sequence[Item], prompts: ContinuationBatch) -> RowOffsets:
+        """The first phase (the one at prefill) on each prompt; δ ``[B, L_sel, E]``. Each row selects its layers by
+        its own routing confidence, so a row adapts as it would alone (the protocol's ``batch_adapt``); the user's
+        row offsets stay underneath δ and are as they were afterwards."""
+        rows = prompts.input_ids.shape[0]
+        if self.config.steps == 0:
+            return RowOffsets({}, torch.zeros(rows, 0, self.rm.num_experts))
+        prompts = prompts.to(self.rm.model.device)
+        ids, mask = prompts.input_ids, prompts.attention_mask
+        saved = self._user_row_offsets()
+        confidence = (
+            routing_confidence(self.rm, ids, mask, per_row=True) if self.config.layers == "confidence" else None
+        )
+        layers = select_layers(self.rm, self.config, confidence)
+        delta = torch.zeros(rows, len(layers), self.rm.num_experts, device=self.rm.layer(next(iter(layers))).device)
+        try:
+            self._record([adapt_phase(self.rm, self.config, layers, delta, ids, mask, base=saved)], rows)
+        finally:
+            self._restore(saved)
+        return RowOffsets(_row_weights(layers, rows), delta.detach())
+
+    def split_state(self, state: RowOffsets, rows: int) -> list[RowOffsets]:
+        """One-row states holding the layers each row selected (non-zero weight)."""
+        weights = _row_weights(state.layers, rows)
+        out = []
+        for i in range(rows):
+            kept = [(j, idx) for j, (idx, w) in enumerate(weights.items()) if float(w[i]) != 0.0]
+            columns = torch.tensor([j for j, _ in kept], dtype=torch.long, device=state.delta.device)
+            layers = {idx: weights[idx][i : i + 1].clone() for _, idx in kept}
+            out.append(RowOffsets(layers, state.delta[i : i + 1].index_select(1, columns)))
+        return out
+
+    def stack_states(self, states: Sequence[RowOffsets]) -> RowOffsets:
+        """Rows over the union of their layers; a layer a row did not adapt gets zero offsets (its routing is
+        untouched) and gradient weight 0 (later phases leave it alone on that row, as the row alone would)."""
+        layers = sorted({idx for s in states for idx in s.layers})
+        template = states[0].delta
+        delta = torch.zeros(len(states), len(layers), template.shape[-1], dtype=template.dtype, device=template.device)
+        weights = torch.zeros(len(states), len(layers))
+        for row, state in enumerate(states):
+            for j, (idx, weight) in enumerate(_row_weights(state.layers, 1).items()):
+                delta[row, layers.index(idx)] = state.delta[0, j]
+                weights[row, layers.index(idx)] = weight[0]
+        return RowOffsets({idx: weights[:, j] for j, idx in enumerate(layers)}, delta)
+
+    @contextlib.contextmanager
+    def applied(self, state: RowOffsets | None, batch: ContinuationBatch) -> Iterator[None]:
+        """δ (each state row over its batch rows) added to the user's row offsets, which are back on exit."""
+        if state is None or not state.layers:
+            yield
+            return
+        delta = state.delta.repeat_interleave(repeat_rows(state.delta.shape[0], batch.input_ids.shape[0]), dim=0)
+        saved = self._user_row_offsets()
+        install_row_offsets(self.rm, list(state.layers), delta, base=saved)
+        try:
+            yield
+        finally:
+            self._restore(saved)
+
+    def generate_from(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, state: Any = None, **generate_kwargs: Any
+    ) -> Any:
+        """:meth:`generate` whose first phase is ``state`` (already adapted), when given."""
+        self._prefill = state
+        try:
+            out = self.generate(input_ids=input_ids, attention_mask=attention_mask, **generate_kwargs)
+        finally:
+            self._prefill = None
+        self._record(self.phases, input_ids.shape[0])
+        return out
 
     def __repr__(self) -> str:
         c = self.config
         return f"Rerouter(interval={c.interval}, steps={c.steps}, lr={c.lr}, layers={c.layers!r})"
+
+
+register_method("rerouting", RerouterConfig, Rerouter)
 
 
 def rerouting_generate(

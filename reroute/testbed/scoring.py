@@ -1,4 +1,6 @@
-"""Evaluation primitives on plain PyTorch + transformers: multiple-choice log-likelihood and greedy exact match.
+"""Evaluation primitives on plain PyTorch + transformers for the testbed's training script: multiple-choice
+log-likelihood and greedy exact match, built on :mod:`reroute.scoring` (one scoring stack: the same tokenisation,
+log-likelihood and exact-match rules as the harness).
 
 Multiple choice follows lm-evaluation-harness: a choice's score is the summed log-probability of its tokens after
 the prompt, where the choice's tokens are those of ``prompt + choice`` past the prompt's own tokens.
@@ -13,7 +15,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from reroute.scoring import build_batch, continuation_logprobs, encode_pair
+from reroute.scoring import answer_matches, build_batch, continuation_logprobs, encode_pair
 
 
 @dataclass
@@ -124,12 +126,11 @@ def exact_match(
     max_new_tokens: int = 4,
     batch_size: int = 64,
 ) -> torch.Tensor:
-    """``[n]`` bool: the first line of each item's greedy continuation equals its ``answer`` (whitespace-trimmed).
+    """``[n]`` bool: the first line of each item's greedy continuation equals its ``answer``, whitespace-normalised
+    (:func:`reroute.scoring.answer_matches`, the rule ``reroute eval --mode gen`` uses).
 
     Cutting at the first line break is lm-evaluation-harness's ``until: ["\\n"]``: after an answer a model trained
     on few-shot prompts may go on with the next demonstration.
     """
     texts = generate_greedy(model, tokenizer, [item["prompt"] for item in items], max_new_tokens, batch_size)
-    return torch.tensor(
-        [text.split("\n", 1)[0].strip() == str(item["answer"]).strip() for text, item in zip(texts, items)]
-    )
+    return torch.tensor([answer_matches(text, str(item["answer"])) for text, item in zip(texts, items)])

@@ -26,12 +26,13 @@ the cue that reference prompts carry).
 from __future__ import annotations
 
 import hashlib
-import json
 import random
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from reroute.data import write_jsonl  # noqa: F401  (the one JSONL writer, re-exported here)
 
 if TYPE_CHECKING:
     import datasets
@@ -264,13 +265,6 @@ def load_items(source: datasets.Dataset | str | Path | Iterable[Mapping[str, Any
                 f"item {position}: label {item['label']!r} does not point at the answer {item['answer']!r}"
             )
     return items
-
-
-def write_jsonl(items: Iterable[Mapping[str, Any]], path: str | Path) -> None:
-    """One JSON object per line, keys in a fixed order (so regenerated files diff cleanly)."""
-    with open(path, "w", encoding="utf-8") as handle:
-        for item in items:
-            handle.write(json.dumps(dict(item), sort_keys=True) + "\n")
 
 
 # Items per split in the JSONL copies shipped under reference_sets/testbed/.

@@ -43,10 +43,11 @@ from transformers.generation.stopping_criteria import StoppingCriteriaList
 
 from reroute.attach import RoutedModel, attach
 from reroute.generation import DecodingMethod, ModelStream, check_prompt
+from reroute.methods import RoutingMethod, register_method
 from reroute.routing.policy import RoutingPolicy
 from reroute.scmoe.config import SCMoEConfig
 from reroute.scmoe.weak import RandomExperts, WeakRouting
-from reroute.scoring import padded_logits
+from reroute.scoring import ContinuationBatch, padded_logits
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -138,7 +139,7 @@ class _OneBatch(_Contrast):
         return self._run(self.stream.step, input_ids)
 
 
-class SCMoE(DecodingMethod):
+class SCMoE(DecodingMethod, RoutingMethod):
     """Self-contrast decoding on an attached model.
 
     Args:
@@ -149,6 +150,8 @@ class SCMoE(DecodingMethod):
     Raises ``ValueError`` for a weak routing the model cannot run (rank or top-k beyond its experts, weak top-k
     above the strong top-k) and warns when the weak routing equals the strong one.
     """
+
+    reports_ties = True  # a continuation's implausible tokens score by the strong routing: choices may still tie
 
     def __init__(self, rm: RoutedModel, config: SCMoEConfig | None = None, **overrides: Any) -> None:
         self.rm = rm
@@ -198,10 +201,26 @@ class SCMoE(DecodingMethod):
             torch.isfinite(contrast), torch.log_softmax(contrast, dim=-1), torch.log_softmax(strong, dim=-1)
         )
 
+    def next_token_logits(self, batch: ContinuationBatch, state: Any = None) -> torch.Tensor:
+        """The contrast of :meth:`contrasted_logits` (SCMoE adapts nothing, so ``state`` is ``None``)."""
+        return self.contrasted_logits(batch.input_ids, batch.attention_mask)
+
+    def next_token_logprobs(self, batch: ContinuationBatch, state: Any = None) -> torch.Tensor:
+        """The protocol's scoring: :meth:`scoring_logprobs` (finite everywhere, unlike the contrast)."""
+        return self.scoring_logprobs(batch.input_ids, batch.attention_mask)
+
+    def generate_from(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, state: Any = None, **generate_kwargs: Any
+    ) -> Any:
+        return self.generate(input_ids=input_ids, attention_mask=attention_mask, **generate_kwargs)
+
     def __repr__(self) -> str:
         c = self.config
         layers = list(self.weak.layers)
         return f"SCMoE(beta={c.beta}, alpha={c.alpha}, weak={c.weak!r}, layers={layers}, design={c.design!r})"
+
+
+register_method("scmoe", SCMoEConfig, SCMoE)
 
 
 def scmoe_generate(

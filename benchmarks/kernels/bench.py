@@ -2,8 +2,8 @@
 
 Run on one GPU from the repository root::
 
-    PYTHONPATH=. python kernels/bench.py --out bench.json            # everything
-    PYTHONPATH=. python kernels/bench.py --shapes olmoe --m 1 16 --no-e2e
+    PYTHONPATH=. python benchmarks/kernels/bench.py --out bench.json            # everything
+    PYTHONPATH=. python benchmarks/kernels/bench.py --shapes olmoe --m 1 16 --no-e2e
 
 Per shape and tokens M: µs per layer (median of CUDA-event timings, ``triton.testing.do_bench``) for transformers'
 ``eager``, ``batched_mm`` and ``grouped_mm`` experts implementations and ours, all on the same experts module
@@ -359,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("bench.json"))
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
-        print("kernels/bench.py needs a CUDA GPU", file=sys.stderr)
+        print("benchmarks/kernels/bench.py needs a CUDA GPU", file=sys.stderr)
         return 1
     import transformers
     import triton

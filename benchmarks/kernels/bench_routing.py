@@ -2,8 +2,8 @@
 
 Run on one GPU from the repository root::
 
-    PYTHONPATH=. python kernels/bench_routing.py --out routing.json
-    PYTHONPATH=. python kernels/bench_routing.py --shapes olmoe --tokens 1 16
+    PYTHONPATH=. python benchmarks/kernels/bench_routing.py --out routing.json
+    PYTHONPATH=. python benchmarks/kernels/bench_routing.py --shapes olmoe --tokens 1 16
 
 Per shape, tokens T and routing state: µs per router call (projection + offsets + score function + selection +
 weights; the projection is the same ``F.linear`` on both paths) as the median of CUDA-event timings

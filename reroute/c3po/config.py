@@ -1,0 +1,63 @@
+"""``C3POConfig``: C3PO's hyperparameters (arXiv 2504.07964), a dataclass validated on construction."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+SURROGATES = ("ngd", "kernel", "mode", "oracle")
+KERNELS = ("gaussian", "matern", "polynomial", "linear")
+
+
+@dataclass
+class C3POConfig:
+    """C3PO hyperparameters; defaults are the paper's OLMoE settings where it states them."""
+
+    surrogate: str = field(default="ngd", metadata={"help": "ngd | kernel | mode | oracle (reads labels)"})
+    k: int = field(default=3, metadata={"help": "neighbours per test item (paper Table 4: k=3 best)"})
+    kernel: str = field(default="gaussian", metadata={"help": "gaussian | matern | polynomial | linear"})
+    bandwidth: float | None = field(default=None, metadata={"help": "kernel bandwidth; None = median distance"})
+    critical_layers: int | float | list[int] = field(
+        default=5, metadata={"help": "last n MoE layers, a fraction of them, or explicit layer indices"}
+    )
+    core_experts: int | float = field(default=20, metadata={"help": "top-n experts per item, or a fraction of E"})
+    last_tokens: int = field(default=1, metadata={"help": "re-mix the last n prompt tokens (paper: 1)"})
+    steps: int = field(default=10, metadata={"help": "optimisation steps (NGD, oracle)"})
+    lr: float = field(default=0.1, metadata={"help": "Adam learning rate on the mixing logits"})
+    exclude_above: float = field(default=0.95, metadata={"help": "drop neighbours more similar than this"})
+    mode_iterations: int = field(default=5, metadata={"help": "mean-shift iterations"})
+    mode_alpha: float = field(default=0.5, metadata={"help": "mean-shift step: x <- a x + (1 - a) mean"})
+    kernel_alphas: tuple[float, ...] = field(
+        default=(0.0, 0.25, 0.5, 0.75), metadata={"help": "blend weights tried by kernel regression (1 = own)"}
+    )
+    min_agreement: float | None = field(
+        default=None, metadata={"help": "gate: keep base routing when neighbours' pathway similarity is lower"}
+    )
+    min_gain: float | None = field(
+        default=0.0, metadata={"help": "gate: keep base routing when the neighbours' loss falls by less (relative)"}
+    )
+    max_confidence: float | None = field(
+        default=0.99,
+        metadata={
+            "help": "gate: keep base routing when the model's next-token probability at the last prompt token is "
+            "at least this (do not re-mix what the model is already sure of; None: off; not applied to the oracle)"
+        },
+    )
+    reuse_prefix: bool = field(default=True, metadata={"help": "compute layers below the critical ones once"})
+
+    def __post_init__(self) -> None:
+        if self.surrogate not in SURROGATES:
+            raise ValueError(f"surrogate must be one of {SURROGATES}, got {self.surrogate!r}")
+        if self.kernel not in KERNELS:
+            raise ValueError(f"kernel must be one of {KERNELS}, got {self.kernel!r}")
+        for name in ("k", "last_tokens", "mode_iterations"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not isinstance(self.steps, int) or self.steps < 0:
+            raise ValueError(f"steps must be a non-negative integer, got {self.steps!r}")
+        if not (isinstance(self.lr, (int, float)) and 0 < self.lr < float("inf")):
+            raise ValueError(f"lr must be positive and finite, got {self.lr!r}")
+        if self.max_confidence is not None and not 0.0 < self.max_confidence <= 1.0:
+            raise ValueError(f"max_confidence must be in (0, 1] or None, got {self.max_confidence}")
+        if not 0.0 < self.exclude_above <= 1.0:
+            raise ValueError(f"exclude_above must be in (0, 1], got {self.exclude_above}")
