@@ -139,7 +139,7 @@ def route(
         on = (
             torch.ones_like(on)
             if layer.policy_rows is None
-            else layer._token_rows(layer.policy_rows[:, None], num_tokens, "policy rows")[:, 0]
+            else layer.policy_tokens(num_tokens)
         )
     count, rank, renorm_code = graph.policy_ints.unbind()
     count = torch.where(on, count, layer.top_k)
