@@ -159,6 +159,8 @@ class RoutedModel:
         self._forward_thread: int | None = None
         self._forward_depth = 0
         self._wrap_generate(_core_model(model))
+        for marked in self._marked:
+            self._wrap_save(marked)
         self._set_kernels(kernels_on)
 
     # ----------------------------------------------------------------------------------------------- lifecycle
@@ -175,6 +177,8 @@ class RoutedModel:
         core = _core_model(self.model)
         for name in ("generate", "_expand_inputs_for_generation"):
             core.__dict__.pop(name, None)
+        for marked in self._marked:
+            marked.__dict__.pop("save_pretrained", None)
         for idx, (router, cls) in self._routers.items():
             router.__class__ = cls
             router.__dict__.pop("_reroute_layer", None)
@@ -224,7 +228,38 @@ class RoutedModel:
         core.__dict__["_expand_inputs_for_generation"] = expand_inputs
         core.__dict__["generate"] = generate_with_rows
 
+    def _wrap_save(self, module: nn.Module) -> None:
+        """Make ``model.save_pretrained`` (transformers weights, or a peft adapter) warn when routing state is set:
+        those files hold the weights only, and a reload would silently route as the original model."""
+        save = getattr(module, "save_pretrained", None)
+        if not callable(save):
+            return
+
+        def save_pretrained(*args: object, **kwargs: object) -> object:
+            if self.attached and self.has_state():
+                warnings.warn(
+                    f"{type(module).__name__}.save_pretrained saves the weights only, not the routing state set on "
+                    "this RoutedModel (offsets, policies, masks, re-mixing); save it too with "
+                    "rm.save_pretrained(directory) and reload it with reroute.from_pretrained(model, directory)",
+                    UserWarning,
+                    stacklevel=2,
+                )
+            return save(*args, **kwargs)
+
+        save_pretrained.__doc__ = save.__doc__
+        module.__dict__["save_pretrained"] = save_pretrained
+
+    def has_state(self) -> bool:
+        """Whether any routing state differs from the original model's (non-zero offsets, or anything else set)."""
+        return any(
+            bool(layer.offsets.detach().ne(0).any())
+            or any(v is not None for v in (layer.row_offsets, layer.policy, layer.mask, layer.mixing))
+            for layer in self.layers.values()
+        )
+
     def _enter_forward(self) -> None:
+        if torch.compiler.is_compiling():
+            return  # a compiled forward runs the check in the eager call around it
         me = threading.get_ident()
         with self._forward_lock:
             if self._forward_thread not in (None, me):
@@ -236,6 +271,8 @@ class RoutedModel:
             self._forward_depth += 1
 
     def _leave_forward(self) -> None:
+        if torch.compiler.is_compiling():
+            return
         with self._forward_lock:
             if self._forward_thread == threading.get_ident():
                 self._forward_depth -= 1
@@ -386,8 +423,10 @@ class RoutedModel:
     def _row_mask(rows: torch.Tensor | Sequence[int], device: torch.device) -> torch.Tensor:
         """Policy rows as given: a bool mask ``[B]`` (one entry per batch row) or long row indices ``[n]`` (rows
         of the batch, or of the prompts inside ``generate()``; checked against the batch at each forward)."""
-        if isinstance(rows, (str, bytes)) or not isinstance(rows, (torch.Tensor, Sequence)) and not hasattr(
-            rows, "__array__"
+        if (
+            isinstance(rows, (str, bytes))
+            or not isinstance(rows, (torch.Tensor, Sequence))
+            and not hasattr(rows, "__array__")
         ):
             raise TypeError(f"rows must be a bool mask [B] or a list of row indices, got {type(rows).__name__}")
         try:
@@ -512,6 +551,22 @@ class RoutedModel:
         finally:
             for layer, (p, r, m) in zip(selected, saved):
                 layer.policy, layer.policy_rows, layer.mask = p, r, m
+
+    @contextlib.contextmanager
+    def row_expansion(self, copies: int) -> Iterator[RoutedModel]:
+        """Within the block, per-row state set for ``R`` rows serves forwards of ``R * copies`` rows, each row
+        repeated ``copies`` times in place (``repeat_interleave``), as ``generate()`` lays out
+        ``num_return_sequences``; e.g. scoring each item's ``copies`` answer choices as consecutive rows. Outside
+        such a block (and ``generate()``), per-row state must have one row per batch row."""
+        copies = as_integer(copies, "copies")
+        if copies < 1:
+            raise ValueError(f"copies must be a positive integer, got {copies}")
+        saved = self.context.expansion
+        self.context.expansion = copies
+        try:
+            yield self
+        finally:
+            self.context.expansion = saved
 
     @contextlib.contextmanager
     def trace(self, detach: bool = True, device: str | torch.device | None = None) -> Iterator[Trace]:

@@ -83,9 +83,7 @@ def execution_device(router: nn.Module) -> torch.device:
     return device
 
 
-def expand_rows(
-    state: torch.Tensor, rows: int, what: str, expansion: int = 1, broadcast: bool = False
-) -> torch.Tensor:
+def expand_rows(state: torch.Tensor, rows: int, what: str, expansion: int = 1, broadcast: bool = False) -> torch.Tensor:
     """Match per-row state ``[R, ...]`` to a forward of ``rows`` batch rows.
 
     ``R == rows``: as is. ``R * expansion == rows``: each row repeated in place (``repeat_interleave``), the layout
@@ -202,23 +200,26 @@ class LayerRouting:
         """Per-row state ``[R, ...]`` matched to a forward of ``rows`` rows (see :func:`expand_rows`)."""
         return expand_rows(state, rows, what, self.context.expansion, broadcast)
 
-    def policy_tokens(self, num_tokens: int) -> torch.Tensor:
-        """Bool ``[T]``: tokens of the rows ``policy_rows`` selects (bool ``[B]`` mask, or long row indices)."""
+    def policy_row_mask(self, batch: int) -> torch.Tensor:
+        """Bool ``[batch]``: the batch rows ``policy_rows`` selects (a bool ``[B]`` mask, or long row indices)."""
         rows = self.policy_rows
         assert rows is not None
-        batch, seq = self.batch_shape(num_tokens)
         if rows.dtype != torch.bool:
             # row indices name prompt rows; generate() repeats each prompt row ``expansion`` times
             expansion = self.context.expansion if batch % self.context.expansion == 0 else 1
             prompts = batch // expansion
-            if not torch.compiler.is_compiling() and rows.numel() and int(rows.max()) >= prompts:
+            if not torch.compiler.is_compiling() and int(rows.max()) >= prompts:
                 raise ValueError(
                     f"layer {self.layer_idx}: policy rows {rows.tolist()} name a row beyond the batch of {prompts} "
                     "rows; pass row indices below the batch size"
                 )
             rows = (torch.arange(prompts, device=rows.device)[:, None] == rows[None, :]).any(dim=-1)
-        mask = self.expand_state_rows(rows, batch, "policy rows")
-        return mask.repeat_interleave(seq, dim=0)
+        return self.expand_state_rows(rows, batch, "policy rows")
+
+    def policy_tokens(self, num_tokens: int) -> torch.Tensor:
+        """Bool ``[T]``: the tokens of the rows the policy applies to (see :meth:`policy_row_mask`)."""
+        batch, seq = self.batch_shape(num_tokens)
+        return self.policy_row_mask(batch).repeat_interleave(seq, dim=0)
 
     def batch_shape(self, num_tokens: int) -> tuple[int, int]:
         """``(batch, seq)`` of the current call; only known inside a model forward."""
@@ -279,7 +280,7 @@ class LayerRouting:
         if self.row_offsets is not None:
             row_offsets = self.expand_state_rows(self.row_offsets, rows, "row offsets")
         if self.policy_rows is not None:
-            policy_rows = self.policy_tokens(num_tokens).view(rows, -1)[:, 0]
+            policy_rows = self.policy_row_mask(rows)
         resolved = None
         if mixing is not None:
             experts, omega = mixing.experts, torch.softmax(mixing.logits.float(), dim=-1)
