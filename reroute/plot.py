@@ -24,7 +24,6 @@ Usage is the share of a layer's (token, slot) assignments that go to each expert
 from __future__ import annotations
 
 import math
-
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
