@@ -133,7 +133,8 @@ print(f"index: {len(index)} reference items; C3PO kept the base routing for {int
       f"of {len(test_items)} items")
 before, after = reroute.plot.adaptation_usage(c3po, adaptation, test_prompts)
 rows = [rm.moe_layers.index(layer) for layer in c3po.layers]  # the critical layers: the only ones C3PO changes
-title = f"C3PO (NGD) at the last prompt token; {int((~adaptation.abstained).sum())} of {len(test_items)} items adapted"
+adapted = int((~adaptation.abstained).sum())
+title = f"C3PO (NGD) at the last prompt token; {adapted} of {len(test_items)} items adapted"
 reroute.plot.usage_difference(before[rows], after[rows], layers=c3po.layers, title=title)""",
     ),
     (
