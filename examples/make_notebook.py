@@ -129,8 +129,10 @@ expert is used more after adaptation.""",
 )
 c3po = reroute.C3PO(rm, index, tokenizer, surrogate="ngd")
 adaptation = c3po.adapt(test_items)
-print(f"index: {len(index)} reference items; C3PO kept the base routing for {int(adaptation.abstained.sum())} "
-      f"of {len(test_items)} items")
+print(
+    f"index: {len(index)} reference items; C3PO kept the base routing for {int(adaptation.abstained.sum())} "
+    f"of {len(test_items)} items"
+)
 before, after = reroute.plot.adaptation_usage(c3po, adaptation, test_prompts)
 rows = [rm.moe_layers.index(layer) for layer in c3po.layers]  # the critical layers: the only ones C3PO changes
 adapted = int((~adaptation.abstained).sum())
