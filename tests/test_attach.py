@@ -220,3 +220,15 @@ def test_saving_only_the_model_warns_when_routing_state_is_set(model, tmp_path):
     assert (tmp_path / "steered" / "config.json").is_file()
     rm.detach()
     assert "save_pretrained" not in model.__dict__
+
+
+def test_saving_a_peft_adapter_warns_when_routing_state_is_set(tmp_path):
+    """Issue 14 item 9: a peft adapter's save_pretrained dropped the routing state silently."""
+    peft = pytest.importorskip("peft")
+    config = peft.LoraConfig(r=2, lora_alpha=4, target_modules=r".*\.self_attn\.q_proj")
+    wrapped = peft.get_peft_model(tiny_model("olmoe"), config)
+    rm = reroute.attach(wrapped)
+    rm.set_offsets({rm.moe_layers[0]: torch.ones(rm.num_experts)})
+    with pytest.warns(UserWarning, match="not the routing state"):
+        wrapped.save_pretrained(tmp_path / "adapter")
+    assert (tmp_path / "adapter" / "adapter_config.json").is_file()
