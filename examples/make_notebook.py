@@ -118,7 +118,9 @@ reroute.plot.usage_heatmap(base_usage, layers=rm.moe_layers, title=f"{len(test_p
 C3PO finds each test prompt's nearest successful neighbours in a reference index and re-mixes the routing weights of
 the core experts in the last layers, at the last prompt token. A small index (the reference items the model answers
 correctly) keeps this notebook fast. `adaptation_usage` counts expert usage at that token without and with the
-adaptation; the right panel is the difference.""",
+adaptation. The panels show only the critical layers, the ones C3PO re-mixes (the other layers do not change at that
+token); items where C3PO's gates abstain keep the base routing. The right panel is the difference, red where an
+expert is used more after adaptation.""",
     ),
     (
         "code",
@@ -127,10 +129,15 @@ adaptation; the right panel is the difference.""",
 )
 c3po = reroute.C3PO(rm, index, tokenizer, surrogate="ngd")
 adaptation = c3po.adapt(test_items)
-print(f"index: {len(index)} reference items; C3PO kept the base routing for {int(adaptation.abstained.sum())} "
-      f"of {len(test_items)} items")
+print(
+    f"index: {len(index)} reference items; C3PO kept the base routing for {int(adaptation.abstained.sum())} "
+    f"of {len(test_items)} items"
+)
 before, after = reroute.plot.adaptation_usage(c3po, adaptation, test_prompts)
-reroute.plot.usage_difference(before, after, layers=rm.moe_layers, title="C3PO (NGD) at the last prompt token")""",
+rows = [rm.moe_layers.index(layer) for layer in c3po.layers]  # the critical layers: the only ones C3PO changes
+adapted = int((~adaptation.abstained).sum())
+title = f"C3PO (NGD) at the last prompt token; {adapted} of {len(test_items)} items adapted"
+reroute.plot.usage_difference(before[rows], after[rows], layers=c3po.layers, title=title)""",
     ),
     (
         "markdown",
@@ -160,8 +167,9 @@ print_table(results, title=f"test_shift, first {len(test_items)} items, multiple
         "markdown",
         """## 7. Compare
 
-Accuracy with 95% bootstrap intervals, then per domain. With a few dozen items the intervals are wide; the full
-evaluation is `reroute eval --method base,c3po,rerouting,scmoe,oracle --split test_shift`.""",
+Accuracy with 95% bootstrap intervals, then per domain with each domain's number of items `n` and 95% Wilson
+intervals: with a few items per domain the intervals span most of the axis, so read the per-domain bars as a sketch.
+The full evaluation is `reroute eval --method base,c3po,rerouting,scmoe,oracle --split test_shift`.""",
     ),
     (
         "code",
@@ -169,7 +177,7 @@ evaluation is `reroute eval --method base,c3po,rerouting,scmoe,oracle --split te
     ),
     (
         "code",
-        """reroute.plot.domain_accuracy(results)""",
+        """reroute.plot.domain_accuracy(results, items=test_items)""",
     ),
     (
         "markdown",

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import math
 import re
+import threading
 import types
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
@@ -24,7 +25,7 @@ from reroute import pretrained
 from reroute.arch import FamilyAdapter, UnsupportedModelError, family_for
 from reroute.kernels import experts as kernel_experts
 from reroute.routing.layer import LayerRouting, Mixing, RoutingContext, execution_device
-from reroute.routing.policy import ExpertMask, RoutingPolicy
+from reroute.routing.policy import ExpertMask, RoutingPolicy, as_integer, check_routing
 from reroute.routing.trace import Trace
 
 STATE_FILE = pretrained.STATE_NAME
@@ -151,6 +152,14 @@ class RoutedModel:
         self._marked = [model] + ([] if _core_model(model) is model else [_core_model(model)])
         for marked in self._marked:
             marked.__dict__["_reroute_attached"] = self
+        # one forward at a time: the routing state is shared, so a second thread's forward would run on (and could
+        # change) the state of the first thread's call
+        self._forward_lock = threading.Lock()
+        self._forward_thread: int | None = None
+        self._forward_depth = 0
+        self._wrap_generate(_core_model(model))
+        for marked in self._marked:
+            self._wrap_save(marked)
         self._set_kernels(kernels_on)
 
     # ----------------------------------------------------------------------------------------------- lifecycle
@@ -159,8 +168,16 @@ class RoutedModel:
         return bool(self._routers)
 
     def detach(self) -> nn.Module:
-        """Restore the original router classes and remove every hook; returns the model."""
+        """Restore the original router classes and remove every hook; returns the model. Detaching a detached
+        RoutedModel does nothing (a stale one never touches a newer attachment of the same model)."""
+        if not self.attached:
+            return self.model
         self._set_kernels(False)
+        core = _core_model(self.model)
+        for name in ("generate", "_expand_inputs_for_generation"):
+            core.__dict__.pop(name, None)
+        for marked in self._marked:
+            marked.__dict__.pop("save_pretrained", None)
         for idx, (router, cls) in self._routers.items():
             router.__class__ = cls
             router.__dict__.pop("_reroute_layer", None)
@@ -187,7 +204,82 @@ class RoutedModel:
         if not self.attached:
             raise RuntimeError("this RoutedModel was detached; call reroute.attach(model) again")
 
+    def _wrap_generate(self, core: nn.Module) -> None:
+        """Record ``generate()``'s row expansion (``num_return_sequences`` / ``num_beams``) in the context, so that
+        per-row state set for the prompt rows follows their copies, and nowhere else (see ``expand_rows``)."""
+        if not callable(getattr(core, "_expand_inputs_for_generation", None)):
+            return
+        context, generate, expand = self.context, core.generate, core._expand_inputs_for_generation
+
+        def expand_inputs(*args: object, expand_size: int = 1, **kwargs: object) -> tuple:
+            context.expansion = int(expand_size)
+            return expand(*args, expand_size=expand_size, **kwargs)
+
+        def generate_with_rows(*args: object, **kwargs: object) -> object:
+            saved = context.expansion
+            context.expansion = 1
+            try:
+                return generate(*args, **kwargs)
+            finally:
+                context.expansion = saved
+
+        generate_with_rows.__doc__ = generate.__doc__
+        core.__dict__["_expand_inputs_for_generation"] = expand_inputs
+        core.__dict__["generate"] = generate_with_rows
+
+    def _wrap_save(self, module: nn.Module) -> None:
+        """Make ``model.save_pretrained`` (transformers weights, or a peft adapter) warn when routing state is set:
+        those files hold the weights only, and a reload would silently route as the original model."""
+        save = getattr(module, "save_pretrained", None)
+        if not callable(save):
+            return
+
+        def save_pretrained(*args: object, **kwargs: object) -> object:
+            if self.attached and self.has_state():
+                warnings.warn(
+                    f"{type(module).__name__}.save_pretrained saves the weights only, not the routing state set on "
+                    "this RoutedModel (offsets, policies, masks, re-mixing); save it too with "
+                    "rm.save_pretrained(directory) and reload it with reroute.from_pretrained(model, directory)",
+                    UserWarning,
+                    stacklevel=2,
+                )
+            return save(*args, **kwargs)
+
+        save_pretrained.__doc__ = save.__doc__
+        module.__dict__["save_pretrained"] = save_pretrained
+
+    def has_state(self) -> bool:
+        """Whether any routing state differs from the original model's (non-zero offsets, or anything else set)."""
+        return any(
+            bool(layer.offsets.detach().ne(0).any())
+            or any(v is not None for v in (layer.row_offsets, layer.policy, layer.mask, layer.mixing))
+            for layer in self.layers.values()
+        )
+
+    def _enter_forward(self) -> None:
+        if torch.compiler.is_compiling():
+            return  # a compiled forward runs the check in the eager call around it
+        me = threading.get_ident()
+        with self._forward_lock:
+            if self._forward_thread not in (None, me):
+                raise RuntimeError(
+                    "this RoutedModel is running a forward in another thread and its routing state is shared; "
+                    "use one model (and one reroute.attach) per thread, or run the calls one after the other"
+                )
+            self._forward_thread = me
+            self._forward_depth += 1
+
+    def _leave_forward(self) -> None:
+        if torch.compiler.is_compiling():
+            return
+        with self._forward_lock:
+            if self._forward_thread == threading.get_ident():
+                self._forward_depth -= 1
+                if self._forward_depth == 0:
+                    self._forward_thread = None
+
     def _before_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        self._enter_forward()
         tokens = kwargs.get("input_ids")
         if tokens is None:
             tokens = kwargs.get("inputs_embeds")
@@ -209,6 +301,7 @@ class RoutedModel:
 
     def _after_forward(self, module: nn.Module, args: tuple, kwargs_or_output: object, *rest: object) -> None:
         self.context.clear()
+        self._leave_forward()
 
     # ----------------------------------------------------------------------------------------------- access
     @property
@@ -225,8 +318,10 @@ class RoutedModel:
 
     def layer(self, idx: int) -> LayerRouting:
         """The controller of decoder layer ``idx`` (negative indices count from the last MoE layer)."""
-        if isinstance(idx, bool) or not isinstance(idx, int):
-            raise TypeError(f"layer index must be an int, got {type(idx).__name__}")
+        try:
+            idx = as_integer(idx, "layer index")
+        except TypeError:
+            raise TypeError(f"layer index must be an int, got {type(idx).__name__} {idx!r}") from None
         if idx < 0 and -len(self.layers) <= idx:
             return self.layers[self.moe_layers[idx]]
         if idx not in self.layers:
@@ -236,9 +331,12 @@ class RoutedModel:
     def _select(self, layers: int | Sequence[int] | None) -> list[LayerRouting]:
         if layers is None:
             return list(self.layers.values())
-        if isinstance(layers, int):
+        if isinstance(layers, (str, bytes)) or not hasattr(layers, "__iter__"):
             layers = [layers]
-        return [self.layer(i) for i in layers]
+        selected = [self.layer(i) for i in layers]
+        if not selected:
+            raise ValueError("layers is empty; pass layer indices, or None for every MoE layer")
+        return selected
 
     @property
     def offsets(self) -> OffsetTable:
@@ -283,9 +381,11 @@ class RoutedModel:
         if isinstance(values, Mapping):
             if layers is not None:
                 raise ValueError(f"pass {what} either as a {{layer: tensor}} mapping or with layers=, not both")
-            return [(self.layer(int(k)), v) for k, v in values.items()]
+            return [(self.layer(k), v) for k, v in values.items()]
         if not isinstance(values, torch.Tensor):
             raise TypeError(f"{what} must be a tensor or a {{layer: tensor}} mapping, got {type(values).__name__}")
+        if values.dim() == 0:
+            raise ValueError(f"{what} is a 0-d tensor; pass one row of [E] offsets per selected layer")
         selected = self._select(layers)
         if values.shape[0] != len(selected):
             raise ValueError(f"{what} has {values.shape[0]} layer rows but {len(selected)} layers are selected")
@@ -300,39 +400,63 @@ class RoutedModel:
         """Routing policy for ``layers`` (default all), optionally only for batch ``rows`` (bool ``[B]`` or
         indices; the other rows keep the family's routing). ``None`` clears it."""
         self._check_attached()
+        if policy is not None and not isinstance(policy, RoutingPolicy):
+            raise TypeError(
+                f"policy must be a reroute.RoutingPolicy or None, got {type(policy).__name__}; "
+                "wrap settings as RoutingPolicy(**settings)"
+            )
         selected = self._select(layers)
         row_mask = None
         if policy is not None:
             for layer in selected:
-                policy.check(layer.num_experts)
-                if layer.mask is not None:
-                    layer.mask.check(layer.num_experts, policy.width(layer.num_experts, layer.top_k))
+                check_routing(layer.rule, layer.router, layer.num_experts, layer.top_k, policy, layer.mask)
             if rows is not None:
                 row_mask = self._row_mask(rows, selected[0].device)
+        elif rows is not None:
+            raise ValueError("rows= needs a policy; pass policy=None without rows to clear the policy")
         for layer in selected:
             layer.policy = policy
             layer.policy_rows = None if row_mask is None else row_mask.to(layer.device)
 
     @staticmethod
     def _row_mask(rows: torch.Tensor | Sequence[int], device: torch.device) -> torch.Tensor:
-        rows = torch.as_tensor(rows, device=device)
+        """Policy rows as given: a bool mask ``[B]`` (one entry per batch row) or long row indices ``[n]`` (rows
+        of the batch, or of the prompts inside ``generate()``; checked against the batch at each forward)."""
+        if (
+            isinstance(rows, (str, bytes))
+            or not isinstance(rows, (torch.Tensor, Sequence))
+            and not hasattr(rows, "__array__")
+        ):
+            raise TypeError(f"rows must be a bool mask [B] or a list of row indices, got {type(rows).__name__}")
+        try:
+            rows = torch.as_tensor(rows, device=device)
+        except (TypeError, ValueError, RuntimeError):
+            raise TypeError(f"rows must be a bool mask [B] or a list of row indices, got {rows!r}") from None
+        if rows.dim() != 1:
+            raise ValueError(f"rows must be one-dimensional (a bool mask [B] or row indices), got {list(rows.shape)}")
+        if rows.numel() == 0:
+            raise ValueError("rows is empty; pass the batch rows the policy applies to, or rows=None for all rows")
         if rows.dtype == torch.bool:
-            if rows.dim() != 1:
-                raise ValueError(f"row mask must be [B], got {list(rows.shape)}")
+            if not rows.any():
+                raise ValueError("the row mask selects no row; pass the batch rows the policy applies to")
             return rows
-        if rows.dim() != 1 or (rows < 0).any():
-            raise ValueError("rows must be a bool mask [B] or a list of non-negative row indices")
-        mask = torch.zeros(int(rows.max()) + 1 if rows.numel() else 0, dtype=torch.bool, device=device)
-        mask[rows] = True
-        return mask
+        if rows.is_floating_point() or rows.is_complex():
+            raise TypeError(f"rows must be integer row indices or a bool mask, got {rows.dtype} values")
+        if (rows < 0).any():
+            raise ValueError(f"rows must be non-negative batch row indices, got {rows.tolist()}")
+        if rows.unique().numel() != rows.numel():
+            raise ValueError(f"rows repeat an index: {rows.tolist()}; name each batch row once")
+        return rows.long()
 
     def set_mask(self, mask: ExpertMask | None, layers: int | Sequence[int] | None = None) -> None:
         """Ban / force experts in ``layers`` (default all); ``None`` clears."""
         self._check_attached()
+        if mask is not None and not isinstance(mask, ExpertMask):
+            raise TypeError(f"mask must be a reroute.ExpertMask or None, got {type(mask).__name__}")
         selected = self._select(layers)
         if mask is not None:
             for layer in selected:
-                mask.check(layer.num_experts, layer.width)
+                check_routing(layer.rule, layer.router, layer.num_experts, layer.top_k, layer.policy, mask)
         for layer in selected:
             layer.mask = mask
 
@@ -357,8 +481,13 @@ class RoutedModel:
         device = target.device
         experts = torch.as_tensor(experts, device=device)
         positions = torch.as_tensor(positions, device=device)
-        if experts.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.bool):
+        if experts.is_floating_point() or experts.dtype == torch.bool:
             raise TypeError("experts must be integer expert indices")
+        if positions.is_floating_point() or positions.dtype == torch.bool:
+            raise TypeError(f"positions must be integer token positions, got {positions.dtype} values")
+        for name, value in (("experts", experts), ("positions", positions)):
+            if value.dim() > 2:
+                raise ValueError(f"{name} must be [n] or [B, n], got a {value.dim()}-d tensor {list(value.shape)}")
         experts = experts.long().reshape(-1, experts.shape[-1]) if experts.dim() else experts.long().reshape(1, 1)
         positions = (
             positions.long().reshape(-1, positions.shape[-1]) if positions.dim() else positions.long().reshape(1, 1)
@@ -390,11 +519,13 @@ class RoutedModel:
         return logits
 
     def clear_mixing(self, layers: int | Sequence[int] | None = None) -> None:
+        self._check_attached()
         for layer in self._select(layers):
             layer.mixing = None
 
     def reset(self) -> None:
         """Back to the original routing on every layer (zero offsets, nothing else set)."""
+        self._check_attached()
         for layer in self.layers.values():
             layer.reset()
 
@@ -407,6 +538,7 @@ class RoutedModel:
         rows: torch.Tensor | Sequence[int] | None = None,
     ) -> Iterator[RoutedModel]:
         """Temporarily apply a policy and/or mask: ``with rm.routing(RoutingPolicy(rank=2)): model(...)``."""
+        self._check_attached()
         selected = self._select(layers)
         saved = [(layer.policy, layer.policy_rows, layer.mask) for layer in selected]
         try:
@@ -418,6 +550,22 @@ class RoutedModel:
         finally:
             for layer, (p, r, m) in zip(selected, saved):
                 layer.policy, layer.policy_rows, layer.mask = p, r, m
+
+    @contextlib.contextmanager
+    def row_expansion(self, copies: int) -> Iterator[RoutedModel]:
+        """Within the block, per-row state set for ``R`` rows serves forwards of ``R * copies`` rows, each row
+        repeated ``copies`` times in place (``repeat_interleave``), as ``generate()`` lays out
+        ``num_return_sequences``; e.g. scoring each item's ``copies`` answer choices as consecutive rows. Outside
+        such a block (and ``generate()``), per-row state must have one row per batch row."""
+        copies = as_integer(copies, "copies")
+        if copies < 1:
+            raise ValueError(f"copies must be a positive integer, got {copies}")
+        saved = self.context.expansion
+        self.context.expansion = copies
+        try:
+            yield self
+        finally:
+            self.context.expansion = saved
 
     @contextlib.contextmanager
     def trace(self, detach: bool = True, device: str | torch.device | None = None) -> Iterator[Trace]:
@@ -432,6 +580,7 @@ class RoutedModel:
 
     def to(self, device: str | torch.device) -> RoutedModel:
         """Move the routing state of each layer to that layer's current device (after moving the model)."""
+        self._check_attached()
         for layer in self.layers.values():
             with torch.no_grad():
                 layer.offsets.data = layer.offsets.data.to(layer.device)

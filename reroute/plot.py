@@ -23,6 +23,7 @@ Usage is the share of a layer's (token, slot) assignments that go to each expert
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -240,16 +241,17 @@ def usage_difference(
     labels = _layer_labels(before, first.shape[0], layers)
     diff = second - first
     fig = _figure(max(10.0, 0.2 * first.shape[1] + 5.0), max(2.5, 0.3 * first.shape[0] + 1.4))
-    axes = fig.subplots(1, 3, sharey=True)
+    axes = fig.subplots(1, 3)  # every panel keeps its own layer and expert labels
     top = float(max(first.max(), second.max())) or 1.0
     for ax, data, name in ((axes[0], first, "before"), (axes[1], second, "after")):
-        image = _heatmap(ax, data, labels, "viridis", 0.0, top, "MoE layer" if name == "before" else "")
+        image = _heatmap(ax, data, labels, "viridis", 0.0, top, "MoE layer")
         ax.set_title(name)
     fig.colorbar(image, ax=axes[:2], label="share of assignments")
     span = float(np.abs(diff).max()) or 1.0
-    image = _heatmap(axes[2], diff, labels, "RdBu_r", -span, span, "")
+    image = _heatmap(axes[2], diff, labels, "RdBu_r", -span, span, "MoE layer")
     axes[2].set_title("after − before")
-    fig.colorbar(image, ax=axes[2], label="change in share")
+    axes[2].set_xlabel(f"expert (largest change {span:.3f})")
+    fig.colorbar(image, ax=axes[2], label="change in share (red: more after)")
     fig.suptitle(title)
     return _finish(fig, path)
 
@@ -352,26 +354,69 @@ def accuracy_bars(results: Sequence[Any], title: str = "accuracy", path: str | P
     return _finish(fig, path)
 
 
+def wilson_interval(correct: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a proportion ``correct / n`` (sound for small ``n`` and for 0 or n correct)."""
+    if n <= 0:
+        return float("nan"), float("nan")
+    p = correct / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def _domain_counts(record: Mapping[str, Any], items: Sequence[Mapping[str, Any]] | None) -> dict[str, tuple[int, int]]:
+    """``{domain: (correct, n)}`` from a run's per-item ``correct`` and the items' ``domain`` fields."""
+    correct = record.get("correct") or []
+    if items is None or len(correct) != len(items):
+        return {}
+    counts: dict[str, list[int]] = {}
+    for ok, item in zip(correct, items):
+        if "domain" in item:
+            entry = counts.setdefault(str(item["domain"]), [0, 0])
+            entry[0] += int(bool(ok))
+            entry[1] += 1
+    return {d: (c, n) for d, (c, n) in counts.items()}
+
+
 def domain_accuracy(
-    results: Sequence[Any], title: str = "accuracy per domain", path: str | Path | None = None
+    results: Sequence[Any],
+    items: Sequence[Mapping[str, Any]] | None = None,
+    title: str = "accuracy per domain",
+    path: str | Path | None = None,
 ) -> Figure:
-    """Grouped bars: accuracy (%) per domain (``EvalResult.per_domain``), one bar per run within each domain."""
+    """Grouped bars: accuracy (%) per domain, one bar per run within each domain, its value printed on it.
+
+    With ``items`` (the evaluated items, in the order of each result's ``correct``) each domain's label carries its
+    number of items ``n`` and each bar a 95% Wilson interval — with a handful of items per domain the intervals are
+    wide, and a 0% bar shows as a printed 0 with its interval rather than as a missing bar.
+    """
     if not results:
         raise ValueError("no results to plot")
     records = [_result_fields(r) for r in results]
     domains = sorted({d for r in records for d in r.get("per_domain", {})})
     if not domains:
         raise ValueError("the results carry no per-domain accuracy (items without a 'domain' field)")
-    fig = _figure(max(6.0, 0.25 * len(domains) * len(records) + 2.0), 3.6)
+    if items is not None and any(len(r.get("correct") or []) != len(items) for r in records):
+        raise ValueError("items must be the evaluated items, one per entry of each result's `correct`")
+    counts = [_domain_counts(r, items) for r in records]
+    sizes = {d: max((c.get(d, (0, 0))[1] for c in counts), default=0) for d in domains}
+    fig = _figure(max(6.0, 0.3 * len(domains) * len(records) + 2.0), 3.8)
     ax = fig.add_subplot()
     width = 0.8 / len(records)
     x = np.arange(len(domains))
-    for i, (record, label) in enumerate(zip(records, _run_labels(records))):
-        values = [100 * record.get("per_domain", {}).get(d, np.nan) for d in domains]
-        ax.bar(x - 0.4 + width * (i + 0.5), values, width, label=label.replace("\n", " "))
-    ax.set_xticks(x, domains, fontsize=8)
-    ax.set_ylabel("accuracy (%)")
-    ax.set_ylim(0, 105)
+    for i, (record, label, count) in enumerate(zip(records, _run_labels(records), counts)):
+        values = np.array([100 * record.get("per_domain", {}).get(d, np.nan) for d in domains])
+        where = x - 0.4 + width * (i + 0.5)
+        errors = None
+        if count:
+            bounds = np.array([wilson_interval(*count[d]) if d in count else (np.nan, np.nan) for d in domains]) * 100
+            errors = [np.clip(values - bounds[:, 0], 0, None), np.clip(bounds[:, 1] - values, 0, None)]
+        bars = ax.bar(where, values, width, yerr=errors, capsize=2, label=label.replace("\n", " "))
+        ax.bar_label(bars, labels=[f"{v:.0f}" if np.isfinite(v) else "" for v in values], fontsize=6, padding=1)
+    ticks = [f"{d}\nn={sizes[d]}" if sizes[d] else d for d in domains]
+    ax.set_xticks(x, ticks, fontsize=8)
+    ax.set_ylabel("accuracy (%)" + (", 95% Wilson interval" if any(counts) else ""))
+    ax.set_ylim(0, 112)
     ax.set_title(title)
-    ax.legend(fontsize=7, ncols=min(len(records), 5), loc="upper center", bbox_to_anchor=(0.5, -0.12))
+    ax.legend(fontsize=7, ncols=min(len(records), 5), loc="upper center", bbox_to_anchor=(0.5, -0.16))
     return _finish(fig, path)

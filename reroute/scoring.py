@@ -184,7 +184,7 @@ def score_with(
 ) -> list[int]:
     """Predicted choice per item by summed continuation log-likelihood under the current routing."""
     batch, n_choices = batch or choice_batch(tokenizer, items)
-    with torch.no_grad():
+    with torch.no_grad(), rm.row_expansion(n_choices):  # per-item routing state covers its choices' rows
         scores = continuation_logprobs(rm.model, batch.to(rm.model.device))
     return scores.view(len(items), n_choices).argmax(-1).tolist()
 

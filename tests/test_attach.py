@@ -138,3 +138,97 @@ def test_bf16_identity():
 
 def _first_router_name(model) -> str:
     return next(name for name, m in model.named_modules() if "Router" in type(m).__name__)
+
+
+def test_stale_detach_leaves_the_live_attachment_alone(model, tokens):
+    """Issue 14 item 14: a stale RoutedModel's detach() after a re-attach removed the live one's mark."""
+    stale = reroute.attach(model)
+    stale.detach()
+    live = reroute.attach(model)
+    live.set_offsets({live.moe_layers[0]: 3.0 * torch.randn(live.num_experts)})
+    with torch.no_grad():
+        steered = model(tokens).logits
+    assert stale.detach() is model
+    assert live.attached and reroute.attach(model) is live
+    with torch.no_grad():
+        assert torch.equal(model(tokens).logits, steered)
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda rm: rm.to("cpu"),
+        lambda rm: rm.reset(),
+        lambda rm: rm.clear_mixing(),
+        lambda rm: rm.set_mask(None),
+        lambda rm: rm.set_policy(None),
+        lambda rm: rm.routing(reroute.RoutingPolicy(rank=2)).__enter__(),
+    ],
+    ids=["to", "reset", "clear_mixing", "set_mask", "set_policy", "routing"],
+)
+def test_detached_routed_model_refuses_changes(call):
+    """Issue 14 item 16c: ``rm.to()`` on a detached RoutedModel could switch the Triton experts back on."""
+    model = tiny_model("olmoe")
+    rm = reroute.attach(model)
+    rm.detach()
+    with pytest.raises(RuntimeError, match="detached"):
+        call(rm)
+    assert not rm.kernels and "_reroute_attached" not in model.__dict__
+
+
+def test_a_second_thread_forward_during_a_forward_is_a_clear_error(tokens):
+    """Issue 14 item 19: the routing state is shared, so a forward from another thread while one runs raises
+    (before: it silently used the other thread's state, or failed on its batch layout)."""
+    import threading
+
+    model = tiny_model("olmoe")
+    rm = reroute.attach(model)
+    inside, release = threading.Event(), threading.Event()
+    router = rm.layer(rm.moe_layers[0]).router
+
+    def pause(module, args):
+        if threading.current_thread() is not threading.main_thread():
+            inside.set()
+            release.wait(timeout=30)
+
+    handle = router.register_forward_pre_hook(pause)
+    worker = threading.Thread(target=lambda: model(tokens))
+    worker.start()
+    try:
+        assert inside.wait(timeout=30)
+        with pytest.raises(RuntimeError, match="another thread"):
+            model(tokens[:1])
+    finally:
+        release.set()
+        worker.join()
+        handle.remove()
+    with torch.no_grad():
+        model(tokens[:1])  # free again once the other thread's forward is over
+
+
+def test_saving_only_the_model_warns_when_routing_state_is_set(model, tmp_path):
+    """Issue 14 item 9: ``model.save_pretrained`` dropped the routing state silently."""
+    import warnings
+
+    rm = reroute.attach(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model.save_pretrained(tmp_path / "plain")  # nothing set: nothing to lose, no warning
+    rm.set_policy(reroute.RoutingPolicy(rank=2))
+    with pytest.warns(UserWarning, match="not the routing state"):
+        model.save_pretrained(tmp_path / "steered")
+    assert (tmp_path / "steered" / "config.json").is_file()
+    rm.detach()
+    assert "save_pretrained" not in model.__dict__
+
+
+def test_saving_a_peft_adapter_warns_when_routing_state_is_set(tmp_path):
+    """Issue 14 item 9: a peft adapter's save_pretrained dropped the routing state silently."""
+    peft = pytest.importorskip("peft")
+    config = peft.LoraConfig(r=2, lora_alpha=4, target_modules=r".*\.self_attn\.q_proj")
+    wrapped = peft.get_peft_model(tiny_model("olmoe"), config)
+    rm = reroute.attach(wrapped)
+    rm.set_offsets({rm.moe_layers[0]: torch.ones(rm.num_experts)})
+    with pytest.warns(UserWarning, match="not the routing state"):
+        wrapped.save_pretrained(tmp_path / "adapter")
+    assert (tmp_path / "adapter" / "adapter_config.json").is_file()

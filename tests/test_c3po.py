@@ -217,7 +217,7 @@ def test_gate_abstains_and_abstaining_items_route_exactly_as_base(setup):
     with torch.no_grad():
         plain = reroute.scoring.continuation_logprobs(rm.model, base)
     c3po.apply(adaptation, base.prompt_len)
-    with torch.no_grad():
+    with torch.no_grad(), rm.row_expansion(4):  # each item's 4 choices are consecutive rows
         gated = reroute.scoring.continuation_logprobs(rm.model, base)
     rm.clear_mixing()
     assert torch.equal(gated, plain)

@@ -120,7 +120,11 @@ def test_usage_difference():
     np.testing.assert_allclose(panels[2].images[0].get_array(), (after - before).numpy(), rtol=1e-6)
     low, high = panels[2].images[0].get_clim()
     assert low == -high == -float((after - before).abs().max())
-    assert [t.get_text() for t in panels[0].get_yticklabels()] == ["3", "5", "7", "9"]
+    for panel in panels:  # issue 14 item 24: the difference panel had no layer labels (shared, hidden axis)
+        assert [t.get_text() for t in panel.get_yticklabels()] == ["3", "5", "7", "9"]
+        assert panel.get_ylabel() == "MoE layer" and panel.get_xlabel().startswith("expert")
+        assert all(label.get_visible() for label in panel.get_yticklabels())
+    assert "largest change" in panels[2].get_xlabel()
     with pytest.raises(ValueError, match="differ in shape"):
         plot.usage_difference(before, after[:, :8])
 
@@ -191,6 +195,23 @@ def test_accuracy_plots(tmp_path):
     assert [t.get_text() for t in domains.axes[0].get_xticklabels()] == ["a", "b"]
     with pytest.raises(ValueError, match="no per-domain"):
         plot.domain_accuracy(mixed)
+
+    # issue 14 item 24: n per domain and 95% Wilson intervals, every value printed (a 0% bar is not "missing")
+    items = [{"domain": d} for d in ("a", "b", "a", "b")]
+    zero = _result("none", [False, False, False, False], {"a": 0.0, "b": 0.0})
+    fig = plot.domain_accuracy([*results, zero], items=items)
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["a\nn=2", "b\nn=2"]
+    assert "Wilson" in ax.get_ylabel()
+    printed = [t.get_text() for t in ax.texts]
+    assert printed[-2:] == ["0", "0"]
+    bars = [c for c in ax.containers if isinstance(c, BarContainer)]
+    low, high = plot.wilson_interval(0, 2)
+    zero_caps = bars[-1].errorbar.lines[2][0].get_segments()
+    assert [v for seg in zero_caps for v in (seg[0][1], seg[1][1])] == pytest.approx([100 * low, 100 * high] * 2)
+    assert low == 0.0 and 0.6 < high < 0.7  # Wilson: 0 of 2 correct is compatible with up to ~66%
+    with pytest.raises(ValueError, match="evaluated items"):
+        plot.domain_accuracy(results, items=items[:3])
     with pytest.raises(ValueError, match="no results"):
         plot.accuracy_bars([])
     with pytest.raises(TypeError, match="EvalResult"):

@@ -151,6 +151,27 @@ E = 8
         ),
         (lambda rm: rm.set_mixing(rm.moe_layers[0], experts=[0.0, 1.0], positions=[1]), TypeError, "integer"),
         (lambda rm: rm.layer(1.5), TypeError, "int"),
+        # issue 14 item 15: fractional positions and 3-D experts were accepted
+        (lambda rm: rm.set_mixing(rm.moe_layers[0], experts=[0, 1], positions=5.7), TypeError, "integer token"),
+        (lambda rm: rm.set_mixing(rm.moe_layers[0], experts=[[[0, 1]]], positions=[1]), ValueError, "3-d"),
+        (lambda rm: rm.set_mixing(rm.moe_layers[0], experts=[0, 1], positions=[[[1]]]), ValueError, "3-d"),
+        # issue 14 item 17: raw IndexError / AttributeError before
+        (lambda rm: rm.set_offsets(torch.tensor(1.0)), ValueError, "0-d"),
+        (lambda rm: rm.set_offsets({rm.moe_layers[0]: torch.tensor(1.0)}), ValueError, "shape"),
+        (lambda rm: rm.set_policy({"top_k": 1}), TypeError, "RoutingPolicy"),
+        (lambda rm: rm.set_mask({"banned": (1,)}), TypeError, "ExpertMask"),
+        (lambda rm: rm.set_policy(RoutingPolicy(rank=2), rows=[0.5]), TypeError, "integer row indices"),
+        (lambda rm: rm.set_policy(RoutingPolicy(rank=2), rows=[]), ValueError, "rows is empty"),
+        (lambda rm: rm.set_policy(RoutingPolicy(rank=2), rows=[-1]), ValueError, "non-negative"),
+        (lambda rm: rm.set_policy(RoutingPolicy(rank=2), rows=[[0]]), ValueError, "one-dimensional"),
+        (lambda rm: rm.set_policy(RoutingPolicy(rank=2), rows=[False, False]), ValueError, "selects no row"),
+        (lambda rm: rm.set_policy(RoutingPolicy(rank=2), rows="01"), TypeError, "rows"),
+        (lambda rm: rm.set_policy(None, rows=[0]), ValueError, "needs a policy"),
+        (lambda rm: rm.set_policy(RoutingPolicy(rank=2), layers=[]), ValueError, "layers is empty"),
+        # issue 14 item 18: layer keys that are True meant layer 1
+        (lambda rm: rm.set_offsets({True: torch.zeros(E)}), TypeError, "bool"),
+        (lambda rm: rm.set_policy(RoutingPolicy(rank=2), layers=True), TypeError, "bool"),
+        (lambda rm: rm.set_mask(ExpertMask(banned=(1,)), layers=[True]), TypeError, "bool"),
     ],
     ids=lambda v: v if isinstance(v, str) else "",
 )
@@ -178,6 +199,48 @@ def test_bad_input_is_a_clear_error_and_changes_nothing(call, error, match):
 def test_bad_policies(kwargs, match):
     with pytest.raises(ValueError, match=match):
         RoutingPolicy(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: RoutingPolicy(top_k=True),
+        lambda: RoutingPolicy(rank=True),
+        lambda: RoutingPolicy(top_p=True),
+        lambda: RoutingPolicy(top_k=2.0),
+        lambda: RoutingPolicy(top_k="2"),
+        lambda: RoutingPolicy(top_p="0.5"),
+        lambda: RoutingPolicy(top_p=0.5, max_experts=True),
+        lambda: RoutingPolicy(renormalize=1),
+        lambda: ExpertMask(banned=(1.7,)),
+        lambda: ExpertMask(banned="12"),
+        lambda: ExpertMask(banned=3),
+        lambda: ExpertMask(forced=(True,)),
+    ],
+    ids=[
+        "top_k-bool", "rank-bool", "top_p-bool", "top_k-float", "top_k-str", "top_p-str", "max_experts-bool",
+        "renormalize-int", "banned-float", "banned-str", "banned-int", "forced-bool",
+    ],
+)  # fmt: skip
+def test_coercion_rejects_bools_floats_and_strings(make):
+    """Issue 14 item 16: ``top_k=True`` was accepted, ``banned=(1.7,)`` became ``(1,)`` and ``'12'`` ``(1, 2)``."""
+    with pytest.raises(TypeError, match="must be"):
+        make()
+
+
+def test_coercion_accepts_integer_like_numbers():
+    """Issue 14 item 16: ``top_k=np.int64(2)`` was rejected."""
+    np = pytest.importorskip("numpy")
+    policy = RoutingPolicy(top_k=np.int64(2))
+    assert policy == RoutingPolicy(top_k=2) and type(policy.top_k) is int
+    assert RoutingPolicy(top_p=np.float32(0.5)).top_p == 0.5
+    assert RoutingPolicy(rank=torch.tensor(2)).rank == 2
+    mask = ExpertMask(banned=(np.int64(1), torch.tensor(3)), forced=np.array([2]))
+    assert mask == ExpertMask(banned=(1, 3), forced=(2,)) and all(type(i) is int for i in mask.banned + mask.forced)
+    rm = reroute.attach(tiny_model("olmoe"))
+    rm.set_offsets({np.int64(rm.moe_layers[0]): torch.ones(E)})
+    assert rm.offsets[rm.moe_layers[0]].sum() == E
+    rm.set_policy(RoutingPolicy(rank=2), rows=np.array([1]))
 
 
 def test_banned_and_forced_overlap():

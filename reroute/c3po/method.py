@@ -207,7 +207,7 @@ class C3PO(RoutingMethod):
         batch, n_choices = choice_batch(self.tokenizer, items)
         self.apply(adaptation, batch.prompt_len)
         try:
-            with torch.no_grad():
+            with torch.no_grad(), self.rm.row_expansion(n_choices):  # each item's choices: consecutive rows
                 scores = continuation_logprobs(self.rm.model, batch.to(self.rm.model.device))
         finally:
             self.rm.clear_mixing(self.layers)

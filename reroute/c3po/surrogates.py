@@ -96,7 +96,8 @@ def neighbour_loss(
     ``neighbours`` has ``B * k`` rows, item-major; the pathway's ``[B, C]`` state expands over them.
     """
     pathway.apply(rm, positions)
-    nll = -continuation_logprobs(rm.model, neighbours)  # [B * k]
+    with rm.row_expansion(weights.shape[-1]):  # each item's k neighbours: consecutive rows
+        nll = -continuation_logprobs(rm.model, neighbours)  # [B * k]
     return (nll.view(weights.shape) * weights.to(nll.device)).sum(-1)
 
 
@@ -198,7 +199,8 @@ def neighbourhood_gd(
     forwards = backwards = 0
 
     def run() -> None:
-        continuation_logprobs(rm.model, neighbours)
+        with rm.row_expansion(weights.shape[-1]):
+            continuation_logprobs(rm.model, neighbours)
 
     first_layer = min(own.layers) if reuse_prefix else 0
     with frozen_weights(rm.model), PrefixCache(rm, first_layer, run):

@@ -125,7 +125,8 @@ def install_row_offsets(
         value = delta[:, j].to(rm.layer(idx).device)
         previous = None if base is None else base.get(idx)
         if previous is not None:
-            value = value + expand_rows(previous.detach(), value.shape[0], "row offsets").to(value.dtype)
+            rows, copies = value.shape[0], max(value.shape[0] // previous.shape[0], 1)
+            value = value + expand_rows(previous.detach(), rows, "row offsets", expansion=copies).to(value.dtype)
         values[idx] = value
     rm.set_row_offsets(values)
 

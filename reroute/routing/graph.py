@@ -136,11 +136,7 @@ def route(
     family_renorm = torch.tensor(rule.renormalizes(router), device=logits.device)
     on = torch.zeros(num_tokens, dtype=torch.bool, device=logits.device)
     if policy is not None:
-        on = (
-            torch.ones_like(on)
-            if layer.policy_rows is None
-            else layer._token_rows(layer.policy_rows[:, None], num_tokens, "policy rows")[:, 0]
-        )
+        on = torch.ones_like(on) if layer.policy_rows is None else layer.policy_tokens(num_tokens)
     count, rank, renorm_code = graph.policy_ints.unbind()
     count = torch.where(on, count, layer.top_k)
     rank = torch.where(on, rank, 0)

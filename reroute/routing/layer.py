@@ -16,6 +16,7 @@ Order of operations for a call on ``T = batch * seq`` tokens:
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -31,11 +32,13 @@ if TYPE_CHECKING:
     from reroute.routing.trace import Trace
 
 
-class RoutingContext:
+class RoutingContext(threading.local):
     """Facts about the current model forward that a router cannot see from its flattened input.
 
     Filled by a forward pre-hook on the decoder stack: ``batch_size`` and ``seq_len`` of the call, and the
     number of tokens already in the KV cache (``past_length``, computed only when re-mixing needs positions).
+    Thread-local: each thread sees the facts of its own forward (and its own traces); the routing state itself
+    is shared, which is why :class:`reroute.RoutedModel` refuses a forward from a second thread while one runs.
     """
 
     def __init__(self) -> None:
@@ -43,6 +46,8 @@ class RoutingContext:
         self.seq_len: int | None = None
         self.past_length: int | torch.Tensor = 0  # a 0-d device tensor under a static cache
         self.traces: list[Trace] = []
+        # rows per prompt row inside ``generate()`` (num_return_sequences / num_beams); 1 outside it
+        self.expansion = 1
 
     def clear(self) -> None:
         self.batch_size = None
@@ -78,21 +83,25 @@ def execution_device(router: nn.Module) -> torch.device:
     return device
 
 
-def expand_rows(state: torch.Tensor, rows: int, what: str) -> torch.Tensor:
-    """Match per-row state ``[R, ...]`` to a forward of ``rows`` rows.
+def expand_rows(state: torch.Tensor, rows: int, what: str, expansion: int = 1, broadcast: bool = False) -> torch.Tensor:
+    """Match per-row state ``[R, ...]`` to a forward of ``rows`` batch rows.
 
-    ``R == rows``: as is; ``R == 1``: broadcast; ``rows`` a multiple of ``R``: each row repeated in place, the
-    layout ``generate()`` makes for ``num_return_sequences`` and beam search (``repeat_interleave``).
+    ``R == rows``: as is. ``R * expansion == rows``: each row repeated in place (``repeat_interleave``), the layout
+    ``generate()`` makes for ``num_return_sequences`` / ``num_beams`` (``expansion`` is that factor, 1 outside
+    such a ``generate()``). ``R == 1`` with ``broadcast``: shared by every row (re-mixing set with ``[C]``
+    experts). Any other shape is an error: per-row state never spreads to rows it was not set for.
     """
-    if state.shape[0] == rows:
+    count = state.shape[0]
+    if count == rows:
         return state
-    if state.shape[0] == 1:
+    if broadcast and count == 1:
         return state.expand(rows, *state.shape[1:])
-    if rows % state.shape[0] == 0:
-        return state.repeat_interleave(rows // state.shape[0], dim=0)
+    if expansion > 1 and count * expansion == rows:
+        return state.repeat_interleave(expansion, dim=0)
+    copies = f" ({expansion} sequences per prompt)" if expansion > 1 else ""
     raise ValueError(
-        f"{what} has {state.shape[0]} rows but the forward has {rows} rows (not a multiple); "
-        "set per-row state for the batch you run"
+        f"{what} has {count} rows but the forward has {rows} batch rows{copies}; set per-row state with one row "
+        "per batch row (or per prompt row inside generate() with num_return_sequences / num_beams)"
     )
 
 
@@ -187,9 +196,30 @@ class LayerRouting:
         self.mask = None
         self.mixing = None
 
-    def expand_state_rows(self, state: torch.Tensor, rows: int, what: str) -> torch.Tensor:
+    def expand_state_rows(self, state: torch.Tensor, rows: int, what: str, broadcast: bool = False) -> torch.Tensor:
         """Per-row state ``[R, ...]`` matched to a forward of ``rows`` rows (see :func:`expand_rows`)."""
-        return expand_rows(state, rows, what)
+        return expand_rows(state, rows, what, self.context.expansion, broadcast)
+
+    def policy_row_mask(self, batch: int) -> torch.Tensor:
+        """Bool ``[batch]``: the batch rows ``policy_rows`` selects (a bool ``[B]`` mask, or long row indices)."""
+        rows = self.policy_rows
+        assert rows is not None
+        if rows.dtype != torch.bool:
+            # row indices name prompt rows; generate() repeats each prompt row ``expansion`` times
+            expansion = self.context.expansion if batch % self.context.expansion == 0 else 1
+            prompts = batch // expansion
+            if not torch.compiler.is_compiling() and int(rows.max()) >= prompts:
+                raise ValueError(
+                    f"layer {self.layer_idx}: policy rows {rows.tolist()} name a row beyond the batch of {prompts} "
+                    "rows; pass row indices below the batch size"
+                )
+            rows = (torch.arange(prompts, device=rows.device)[:, None] == rows[None, :]).any(dim=-1)
+        return self.expand_state_rows(rows, batch, "policy rows")
+
+    def policy_tokens(self, num_tokens: int) -> torch.Tensor:
+        """Bool ``[T]``: the tokens of the rows the policy applies to (see :meth:`policy_row_mask`)."""
+        batch, seq = self.batch_shape(num_tokens)
+        return self.policy_row_mask(batch).repeat_interleave(seq, dim=0)
 
     def batch_shape(self, num_tokens: int) -> tuple[int, int]:
         """``(batch, seq)`` of the current call; only known inside a model forward."""
@@ -243,29 +273,31 @@ class LayerRouting:
             return None  # the kernel's rank-k weight is the scaling factor; the raw p_k needs the PyTorch path
         num_tokens = logits.shape[0]
         rows = 1
-        if (
-            self.row_offsets is not None
-            or mixing is not None
-            or (self.policy_rows is not None and self.policy_rows.shape[0] > 1)
-        ):
+        row_offsets = policy_rows = None
+        if self.row_offsets is not None or mixing is not None or self.policy_rows is not None:
             rows = self.batch_shape(num_tokens)[0]
+        # per-row state resolved to exactly one row per batch row here, so the kernel's own broadcast never applies
+        if self.row_offsets is not None:
+            row_offsets = self.expand_state_rows(self.row_offsets, rows, "row offsets")
+        if self.policy_rows is not None:
+            policy_rows = self.policy_row_mask(rows)
         resolved = None
         if mixing is not None:
             experts, omega = mixing.experts, torch.softmax(mixing.logits.float(), dim=-1)
             if experts.shape[0] != omega.shape[0]:
-                experts = expand_rows(experts, rows, "re-mixing experts")
-                omega = expand_rows(omega, rows, "re-mixing logits")
+                experts = self.expand_state_rows(experts, rows, "re-mixing experts", broadcast=True)
+                omega = self.expand_state_rows(omega, rows, "re-mixing logits", broadcast=True)
             resolved = kernel.KernelMixing(experts, omega, self._mixing_tokens(num_tokens))
         return kernel.offset_and_route(
             logits,
             spec,
             offsets=self.offsets,
-            row_offsets=self.row_offsets,
+            row_offsets=row_offsets,
             rows=rows,
             mask=self.mask,
             mixing=resolved,
             policy=self.policy,
-            policy_rows=self.policy_rows,
+            policy_rows=policy_rows,
             input_dtype=input_dtype,
         )
 
@@ -279,7 +311,7 @@ class LayerRouting:
         logits = logits + self.offsets.to(logits.dtype)
         if self.row_offsets is not None:
             batch, seq = self.batch_shape(logits.shape[0])
-            rows = expand_rows(self.row_offsets, batch, "row offsets").to(logits.dtype)
+            rows = self.expand_state_rows(self.row_offsets, batch, "row offsets").to(logits.dtype)
             logits = (logits.view(batch, seq, -1) + rows[:, None, :]).view(batch * seq, -1)
         return logits
 
@@ -288,14 +320,14 @@ class LayerRouting:
         if state.shape[0] == 1:
             return state.expand(num_tokens, *state.shape[1:])
         batch, seq = self.batch_shape(num_tokens)
-        return expand_rows(state, batch, what).repeat_interleave(seq, dim=0)
+        return self.expand_state_rows(state, batch, what, broadcast=True).repeat_interleave(seq, dim=0)
 
     def _mixing_tokens(self, num_tokens: int) -> torch.Tensor:
         """Bool ``[T]``: tokens whose absolute position is one of their row's re-mixing positions."""
         mixing = self.mixing
         assert mixing is not None
         batch, seq = self.batch_shape(num_tokens)
-        positions = expand_rows(mixing.positions, batch, "re-mixing positions")
+        positions = self.expand_state_rows(mixing.positions, batch, "re-mixing positions", broadcast=True)
         absolute = self.context.past_length + torch.arange(seq, device=positions.device)
         hit = (absolute[None, :, None] == positions[:, None, :]).any(dim=-1)
         return hit.reshape(num_tokens)
@@ -347,7 +379,7 @@ class LayerRouting:
         out_dtype = weights.dtype
         policy_tokens = None
         if self.policy is not None and self.policy_rows is not None:
-            policy_tokens = self._token_rows(self.policy_rows[:, None], num_tokens, "policy rows")[:, 0]
+            policy_tokens = self.policy_tokens(num_tokens)
         # Tokens outside the policy keep the family's top-k; they need the generic path only if a mask or
         # re-mixing touches them.
         if (self.mask is not None or mixed_tokens is not None) and (self.policy is None or policy_tokens is not None):

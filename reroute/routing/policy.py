@@ -17,14 +17,35 @@ which every transformers experts implementation treats as a no-op contribution.
 
 from __future__ import annotations
 
+import numbers
+import operator
 from dataclasses import dataclass, field
 
 import torch
 
-from reroute.arch.rules import RoutingRule
+from reroute.arch.rules import DeepseekV2Softmax, RoutingRule, SigmoidGroupLimited
 
 MASK_BANNED, MASK_FORCED = 1, 2
 """Codes of banned and forced experts in the int8 ``[E]`` mask tensors the kernel and the compiled path read."""
+
+
+def _is_bool(value: object) -> bool:
+    """Python, numpy and torch booleans (``True`` is an ``int`` in Python, but never a count or an index here)."""
+    return (
+        isinstance(value, bool)
+        or type(value).__name__ == "bool_"
+        or (isinstance(value, torch.Tensor) and value.dtype == torch.bool)
+    )
+
+
+def as_integer(value: object, what: str) -> int:
+    """``value`` as an ``int`` if it is integer-like (``int``, numpy / 0-d torch integers); else a ``TypeError``."""
+    if _is_bool(value) or isinstance(value, (str, bytes, float)):
+        raise TypeError(f"{what} must be an integer, got {value!r}; pass an int")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"{what} must be an integer, got {value!r}; pass an int") from None
 
 
 @dataclass(frozen=True)
@@ -50,16 +71,29 @@ class RoutingPolicy:
         chosen = [name for name in ("top_k", "top_p", "rank") if getattr(self, name) is not None]
         if len(chosen) > 1:
             raise ValueError(f"RoutingPolicy takes at most one of top_k, top_p, rank; got {', '.join(chosen)}")
-        if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 1):
+        # integer-like numbers (numpy, 0-d tensors) become ints; bools, floats and strings are refused
+        for name in ("top_k", "rank", "max_experts"):
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, as_integer(value, f"RoutingPolicy {name}"))
+        if self.top_p is not None:
+            if _is_bool(self.top_p) or not isinstance(self.top_p, numbers.Real):
+                raise TypeError(f"RoutingPolicy top_p must be a number in (0, 1], got {self.top_p!r}")
+            object.__setattr__(self, "top_p", float(self.top_p))
+        if self.renormalize is not None:
+            if not _is_bool(self.renormalize) or isinstance(self.renormalize, torch.Tensor):
+                raise TypeError(f"RoutingPolicy renormalize must be True, False or None, got {self.renormalize!r}")
+            object.__setattr__(self, "renormalize", bool(self.renormalize))
+        if self.top_k is not None and self.top_k < 1:
             raise ValueError(f"top_k must be a positive integer, got {self.top_k!r}")
-        if self.rank is not None and (not isinstance(self.rank, int) or self.rank < 1):
+        if self.rank is not None and self.rank < 1:
             raise ValueError(f"rank must be a positive integer (1 = the top expert), got {self.rank!r}")
-        if self.top_p is not None and not (isinstance(self.top_p, (int, float)) and 0.0 < self.top_p <= 1.0):
+        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
         if self.max_experts is not None:
             if self.top_p is None:
                 raise ValueError("max_experts only applies to top_p routing")
-            if not isinstance(self.max_experts, int) or self.max_experts < 1:
+            if self.max_experts < 1:
                 raise ValueError(f"max_experts must be a positive integer, got {self.max_experts!r}")
 
     def check(self, num_experts: int) -> None:
@@ -77,6 +111,15 @@ class RoutingPolicy:
             return min(self.max_experts or num_experts, num_experts)
         return self.top_k or family_top_k
 
+    def needed(self, num_experts: int, family_top_k: int) -> int:
+        """Experts a token must be able to choose from: the rank for rank-k, 1 for top-p (it stops at the
+        selectable ones), the slot count for top-k."""
+        if self.rank is not None:
+            return self.rank
+        if self.top_p is not None:
+            return 1
+        return self.width(num_experts, family_top_k)
+
     def to_dict(self) -> dict[str, object]:
         return {k: v for k, v in self.__dict__.items() if v is not None}
 
@@ -89,28 +132,98 @@ class ExpertMask:
     forced: tuple[int, ...] = field(default=())
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "banned", tuple(int(i) for i in self.banned))
-        object.__setattr__(self, "forced", tuple(int(i) for i in self.forced))
+        for name in ("banned", "forced"):
+            value = getattr(self, name)
+            if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+                raise TypeError(f"ExpertMask {name} must be a sequence of expert indices, got {value!r}")
+            object.__setattr__(self, name, tuple(as_integer(i, f"ExpertMask {name} expert") for i in value))
         overlap = set(self.banned) & set(self.forced)
         if overlap:
             raise ValueError(f"experts {sorted(overlap)} are both banned and forced")
 
-    def check(self, num_experts: int, width: int) -> None:
-        """Raise if the mask names unknown experts or leaves too few experts to fill ``width`` slots."""
+    def check(self, num_experts: int, width: int, needed: int | None = None) -> None:
+        """Raise if the mask names unknown experts, forces more than ``width`` slots hold, or leaves fewer than
+        ``needed`` (default ``width``) experts to choose from."""
         for name in ("banned", "forced"):
             bad = [i for i in getattr(self, name) if not 0 <= i < num_experts]
             if bad:
                 raise ValueError(f"{name} experts {bad} out of range for a layer with {num_experts} experts")
         allowed = num_experts - len(set(self.banned))
+        needed = width if needed is None else needed
         if allowed == 0:
             raise ValueError("the expert mask bans every expert")
-        if allowed < width:
-            raise ValueError(f"the expert mask leaves {allowed} experts but routing selects {width} per token")
+        if allowed < needed:
+            raise ValueError(f"the expert mask leaves {allowed} experts but routing selects {needed} per token")
         if len(set(self.forced)) > width:
             raise ValueError(f"{len(set(self.forced))} forced experts exceed the {width} experts selected per token")
 
     def to_dict(self) -> dict[str, list[int]]:
         return {"banned": list(self.banned), "forced": list(self.forced)}
+
+
+def group_limit(rule: RoutingRule, router: torch.nn.Module) -> tuple[int, int] | None:
+    """``(num_group, topk_group)`` where the family's ranking keeps only each token's best groups (DeepSeek-V3,
+    GLM-4-MoE, DeepSeek-V2's group-limited greedy), else ``None``."""
+    if isinstance(rule, SigmoidGroupLimited) or (
+        isinstance(rule, DeepseekV2Softmax) and router.topk_method == "group_limited_greedy"
+    ):
+        return int(router.num_group), int(router.topk_group)
+    return None
+
+
+def fewest_selectable(num_experts: int, groups: tuple[int, int] | None, mask: ExpertMask | None) -> int:
+    """The fewest experts any token can choose from: those of its ``topk_group`` groups (all experts without a
+    group limit) that the mask does not ban, plus forced experts outside them. The worst case takes the groups
+    with the fewest such experts, since the groups are chosen from scores the mask does not see."""
+    banned = set(mask.banned) if mask is not None else set()
+    forced = set(mask.forced) if mask is not None else set()
+    if groups is None:
+        return num_experts - len(banned)
+    num_group, topk_group = groups
+    size = num_experts // num_group
+    gain = sorted(
+        sum(e not in banned and e not in forced for e in range(g * size, (g + 1) * size)) for g in range(num_group)
+    )
+    return len(forced) + sum(gain[:topk_group])
+
+
+def check_routing(
+    rule: RoutingRule,
+    router: torch.nn.Module,
+    num_experts: int,
+    top_k: int,
+    policy: RoutingPolicy | None,
+    mask: ExpertMask | None,
+) -> None:
+    """Raise ``ValueError`` unless every token can be routed under ``policy`` and ``mask`` on this layer.
+
+    The rule: rank-r needs r experts every token can choose from (the family's group limit and the mask
+    included); top-p needs one; top-k needs its k, except that where the family's own group limit leaves fewer
+    than k, the token routes to those, renormalised over them (:func:`select`) — a mask may not cut below that.
+    """
+    if policy is not None:
+        policy.check(num_experts)
+    width = policy.width(num_experts, top_k) if policy is not None else top_k
+    needed = policy.needed(num_experts, top_k) if policy is not None else top_k
+    groups = group_limit(rule, router)
+    if mask is not None:
+        mask.check(num_experts, width, needed=min(needed, fewest_selectable(num_experts, groups, None)))
+    available = fewest_selectable(num_experts, groups, mask)
+    if policy is not None and policy.rank is not None and policy.rank > available:
+        where = " within the group limit" if groups is not None else ""
+        masked = " and the expert mask" if mask is not None else ""
+        raise ValueError(
+            f"rank={policy.rank} needs {policy.rank} experts to rank but some tokens can choose from only "
+            f"{available}{where}{masked}; pass rank <= {available}"
+        )
+    if mask is not None and groups is not None:
+        unmasked = fewest_selectable(num_experts, groups, None)
+        if available < min(needed, unmasked):
+            raise ValueError(
+                f"the expert mask leaves some tokens only {available} experts within the group limit "
+                f"({groups[1]} of {groups[0]} groups) but routing selects {min(needed, unmasked)}; ban fewer experts "
+                "inside one group"
+            )
 
 
 def apply_mask(choice: torch.Tensor, mask: ExpertMask | None) -> torch.Tensor:

@@ -30,7 +30,7 @@ import torch
 from reroute.arch.rules import RoutingRule
 from reroute.attach import RoutedModel
 from reroute.routing.layer import LayerRouting
-from reroute.routing.policy import RoutingPolicy, apply_mask
+from reroute.routing.policy import RoutingPolicy, apply_mask, check_routing
 from reroute.scmoe.config import parse_weak
 
 RANDOM_OFFSET = 1.0e4
@@ -88,8 +88,7 @@ class WeakRouting:
                     f"weak routing top-{policy.top_k} uses more experts than the strong routing (top-{layer.top_k}) "
                     f"of MoE layer {idx}; SCMoE contrasts the model with a weaker activation of itself"
                 )
-            if layer.mask is not None:
-                layer.mask.check(layer.num_experts, policy.width(layer.num_experts, layer.top_k))
+            check_routing(layer.rule, layer.router, layer.num_experts, layer.top_k, policy, layer.mask)
         if random:
             for idx in selected:
                 _forceable_experts(rm.layer(idx))
