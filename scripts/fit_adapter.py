@@ -6,7 +6,8 @@ For each split: base (the model's own routing), then the adapter (offsets fitted
 gold answers, ``reroute.adapters.fit_adapter``) and optionally C3PO on top of the adapter, each with the harness's
 95% bootstrap interval, and the paired difference to base (per-item correctness difference, 95% bootstrap interval
 over items). The adapter is saved with ``rm.save_pretrained`` (``--save``) and reloaded with
-``reroute.from_pretrained`` before it is measured, so the numbers are those of the saved adapter.
+``reroute.from_pretrained`` before it is measured, so the numbers are those of the saved adapter. The JSON keeps
+each row's per-item correctness as a string of 0/1 in item order (``correct``).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ def _paired(method_correct: list[bool], base_correct: list[bool], seed: int) -> 
 
 def _row(result, base=None, seed: int = 0) -> dict[str, object]:
     row = result.to_json()
+    row["correct"] = "".join("1" if c else "0" for c in row["correct"])  # per item, in item order: a short file
     if base is not None:
         row["paired_difference_to_base"] = _paired(result.correct, base.correct, seed)
     return row
