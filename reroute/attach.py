@@ -26,6 +26,7 @@ from reroute.arch import FamilyAdapter, UnsupportedModelError, family_for
 from reroute.kernels import experts as kernel_experts
 from reroute.routing.layer import LayerRouting, Mixing, RoutingContext, execution_device
 from reroute.routing.policy import ExpertMask, RoutingPolicy, as_integer, check_routing
+from reroute.routing.replay import LayerReplay, Routes
 from reroute.routing.trace import Trace
 
 STATE_FILE = pretrained.STATE_NAME
@@ -577,6 +578,40 @@ class RoutedModel:
             yield recorder
         finally:
             self.context.traces.remove(recorder)
+
+    @contextlib.contextmanager
+    def record(self) -> Iterator[Routes]:
+        """Record the routes (experts, weights, renormalisation per layer and token) of every forward in the block:
+        ``with rm.record() as routes: model.generate(...)``; replay them with :meth:`replay` or save them with
+        ``routes.save(dir)`` (see :mod:`reroute.routing.replay`)."""
+        self._check_attached()
+        layers = self.layers.values()
+        routes = Routes(self.moe_layers, [layer.num_experts for layer in layers], self.fingerprint())
+        self.context.traces.append(routes)
+        try:
+            yield routes
+        finally:
+            self.context.traces.remove(routes)
+
+    @contextlib.contextmanager
+    def replay(self, routes: Routes | str | Path) -> Iterator[dict[int, LayerReplay]]:
+        """Force recorded routes (a :class:`Routes`, or a folder written by ``routes.save``) on the forwards of the
+        block: every MoE layer uses the recorded experts and weights of the next tokens instead of its own choice.
+        Checked against the model before anything changes; eager only (an error under ``torch.compile``)."""
+        self._check_attached()
+        if not isinstance(routes, Routes):
+            routes = Routes.load(routes)
+        routes.check(self.layers)
+        if any(layer.replay is not None for layer in self.layers.values()):
+            raise RuntimeError("a replay is already active on this model; nest no replays")
+        cursors = {idx: LayerReplay(routes, idx, layer.device) for idx, layer in self.layers.items()}
+        for idx, layer in self.layers.items():
+            layer.replay = cursors[idx]
+        try:
+            yield cursors
+        finally:
+            for layer in self.layers.values():
+                layer.replay = None
 
     def to(self, device: str | torch.device) -> RoutedModel:
         """Move the routing state of each layer to that layer's current device (after moving the model)."""

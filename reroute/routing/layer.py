@@ -29,6 +29,7 @@ from reroute.routing.graph import GraphState
 from reroute.routing.policy import ExpertMask, RoutingPolicy, select
 
 if TYPE_CHECKING:
+    from reroute.routing.replay import LayerReplay, Routes
     from reroute.routing.trace import Trace
 
 
@@ -45,7 +46,7 @@ class RoutingContext(threading.local):
         self.batch_size: int | None = None
         self.seq_len: int | None = None
         self.past_length: int | torch.Tensor = 0  # a 0-d device tensor under a static cache
-        self.traces: list[Trace] = []
+        self.traces: list[Trace | Routes] = []  # recorders: anything with Trace.record
         # rows per prompt row inside ``generate()`` (num_return_sequences / num_beams); 1 outside it
         self.expansion = 1
 
@@ -121,6 +122,7 @@ class LayerRouting:
         kernels: route with the Triton routing kernel (``reroute.kernels.routing``) where it applies: on CUDA (or
             under Triton's interpreter), no gradient wanted, a rule the kernel expresses. Same result as the
             PyTorch path (ties aside); set by ``attach``.
+        replay: recorded routes forced on this layer (``rm.replay``, :mod:`reroute.routing.replay`) or ``None``.
     """
 
     def __init__(
@@ -150,6 +152,7 @@ class LayerRouting:
         self.mixing: Mixing | None = None
         self.exact_mixing_gradient = False
         self.kernels = False
+        self.replay: LayerReplay | None = None
 
     # policy and mask are read by the eager path as Python objects and by the compiled path from ``graph``'s
     # tensors: assigning either keeps both in step, whoever assigns (setters, context managers, methods)
@@ -234,7 +237,12 @@ class LayerRouting:
     def __call__(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         router, rule = self.router, self.rule
         logits = rule.logits(router, hidden_states)
-        if torch.compiler.is_compiling():
+        if self.replay is not None:
+            # recorded routes (rm.replay) replace the whole selection of this forward's tokens; eager only
+            context = self.context
+            weights, indices = self.replay.take(logits.shape[0], context.batch_size, context.seq_len)
+            routed = (self._add_offsets(logits), weights, indices)
+        elif torch.compiler.is_compiling():
             # inside a compiled graph: state from tensors only, so that changing it neither recompiles nor
             # goes stale in a replayed CUDA graph (see reroute.routing.graph)
             logits, weights, indices = graph.route(self, logits, hidden_states.dtype)

@@ -1,0 +1,133 @@
+"""Amortised routing adapters: fitted offsets lower the reference loss, reload bit-identically and cost no graph."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+import reroute
+from reroute.adapters import FIT_RECORD, AdapterConfig, fit_adapter, gold_loss
+from reroute.testing import tiny_model, tiny_tokenizer
+
+
+def _items(n: int = 12, seed: int = 0) -> list[dict]:
+    """Prompts of 3-5 random words, the gold answer a word fixed by the first one (a learnable rule)."""
+    generator = torch.Generator().manual_seed(seed)
+    items = []
+    for _ in range(n):
+        words = torch.randint(3, 40, (int(torch.randint(3, 6, (1,), generator=generator)),), generator=generator)
+        prompt = " ".join(f"w{int(w)}" for w in words)
+        items.append({"prompt": prompt, "answer": f" w{50 + int(words[0]) % 5}"})
+    return items
+
+
+def test_gold_loss_is_the_answer_nll_of_the_plain_model():
+    model, tokenizer = tiny_model("olmoe"), tiny_tokenizer()
+    items = _items(3)
+    rm = reroute.attach(model)
+    with torch.no_grad():
+        losses = gold_loss(rm, tokenizer, items)
+    for item, loss in zip(items, losses):
+        prompt = tokenizer(item["prompt"])["input_ids"]
+        whole = tokenizer(item["prompt"] + item["answer"])["input_ids"]
+        with torch.no_grad():
+            logprobs = torch.log_softmax(model(torch.tensor([whole])).logits[0].float(), -1)
+        expected = -sum(float(logprobs[t - 1, whole[t]]) for t in range(len(prompt), len(whole)))
+        assert float(loss) == pytest.approx(expected, abs=1e-5)
+
+
+def test_fit_lowers_the_reference_loss_and_touches_only_the_fitted_layers():
+    # the trained testbed, where routing decides answers (a tiny random model's outputs barely depend on it)
+    from reroute.data import load_items
+    from reroute.testbed import load_testbed
+
+    model, tokenizer = load_testbed()
+    rm = reroute.attach(model)
+    items = load_items("reference_sets/testbed/reference.jsonl")[:16]
+    fitted = rm.moe_layers[4:]
+    config = AdapterConfig(steps=8, lr=0.1, batch_size=8, layers=fitted, prompt_field="question")
+    fit = fit_adapter(rm, tokenizer, items, config)
+    assert fit.loss_after < 0.8 * fit.loss_before
+    with torch.no_grad():
+        assert float(gold_loss(rm, tokenizer, items, "question").mean()) == pytest.approx(fit.loss_after, rel=1e-5)
+    for idx in rm.moe_layers:
+        if idx in fitted:
+            assert torch.equal(rm.offsets[idx].detach(), fit.offsets[idx]) and fit.offsets[idx].norm() > 0
+        else:
+            assert torch.equal(rm.offsets[idx].detach(), torch.zeros(rm.num_experts))
+    assert all(p.requires_grad for p in model.parameters()), "the model's own weights are thawed again"
+
+
+def test_saved_adapter_reloads_bit_identically(tmp_path):
+    tokenizer, tokens = tiny_tokenizer(), torch.randint(3, 96, (2, 7), generator=torch.Generator().manual_seed(1))
+    model = tiny_model("mixtral")
+    rm = reroute.attach(model)
+    fit = fit_adapter(rm, tokenizer, _items(), steps=5, lr=0.2, batch_size=6)
+    fit.save_pretrained(rm, tmp_path / "adapter")
+    with torch.no_grad():
+        adapted = model(tokens).logits
+        fresh = tiny_model("mixtral")
+        base = fresh(tokens).logits
+        reroute.from_pretrained(fresh, tmp_path / "adapter")
+        reloaded = fresh(tokens).logits
+    assert not torch.equal(adapted, base)
+    assert torch.equal(reloaded, adapted)
+    record = json.loads((tmp_path / "adapter" / FIT_RECORD).read_text())
+    assert record["config"]["steps"] == 5 and record["loss_after"] == fit.loss_after
+
+
+def test_adapter_adds_no_compiled_graph_over_hand_set_offsets(tmp_path):
+    tokenizer, tokens = tiny_tokenizer(), torch.randint(3, 96, (2, 7), generator=torch.Generator().manual_seed(2))
+    model = tiny_model("olmoe")
+    rm = reroute.attach(model)
+    fit_adapter(rm, tokenizer, _items(), steps=5, lr=0.2, batch_size=6)
+    rm.save_pretrained(tmp_path / "adapter")
+    with torch.no_grad():
+        eager_adapter = model(tokens).logits
+    rm.reset()
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(model, backend="eager")
+    try:
+        with torch.no_grad():
+            compiled(tokens)  # zero state
+            rm.set_offsets({idx: torch.randn(rm.num_experts) for idx in rm.moe_layers})
+            compiled(tokens)  # offsets set by hand
+            by_hand = counters["stats"]["unique_graphs"]
+            reroute.from_pretrained(model, tmp_path / "adapter")
+            compiled_adapter = compiled(tokens).logits
+        assert counters["stats"]["unique_graphs"] == by_hand
+        assert torch.equal(compiled_adapter, eager_adapter)
+    finally:
+        torch._dynamo.reset()
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"steps": 0}, "steps must be"),
+        ({"lr": -1.0}, "lr must be"),
+        ({"layers": "some"}, "layers must be"),
+        ({"max_norm": 0.0}, "max_norm must be"),
+    ],
+)
+def test_bad_config_is_refused(options, message):
+    with pytest.raises(ValueError, match=message):
+        AdapterConfig(**options)
+
+
+def test_bad_items_are_refused_before_anything_changes():
+    model, tokenizer = tiny_model("olmoe"), tiny_tokenizer()
+    rm = reroute.attach(model)
+    rm.set_offsets({rm.moe_layers[0]: torch.ones(rm.num_experts)})
+    before = rm.offsets.stack()
+    with pytest.raises(ValueError, match="no 'question' field"):
+        fit_adapter(rm, tokenizer, _items(), prompt_field="question")
+    with pytest.raises(ValueError, match="no gold answer"):
+        fit_adapter(rm, tokenizer, [{"prompt": "w3 w4"}])
+    with pytest.raises(KeyError, match="not an MoE layer"):
+        fit_adapter(rm, tokenizer, _items(), layers=[99])
+    assert torch.equal(rm.offsets.stack(), before)
