@@ -718,8 +718,9 @@ def build_items(
         style: ``"letters"`` or ``"cloze"`` (see the module docstring).
         configs: the configs to load instead of the recipe's (e.g. other BIG-Bench tasks).
 
-    Each item carries ``source`` (recipe), ``config`` and ``id`` (``recipe/config/split/row``) besides the
-    fields of :mod:`reroute.data`.
+    Each item carries ``question`` (the bare question, HellaSwag's context: a retrieval key without the options,
+    e.g. ``ReferenceIndex.build(..., query_field="question")``), ``source`` (recipe), ``config`` and ``id``
+    (``recipe/config/split/row``) besides the fields of :mod:`reroute.data`.
     """
     recipe = get_recipe(name)
     if style not in STYLES:
@@ -743,6 +744,8 @@ def build_items(
             continue
         item = format_item(mc, style)
         tag = config if config is not None else "default"
+        # the bare question (HellaSwag: its context) for retrieval that should not see the options or the format
+        item.update(question=mc.cloze_prompt or mc.question)
         item.update(source=recipe.name, config=tag, id=f"{recipe.name}/{tag}/{split}/{number}")
         items.append(validate_item(item, len(items)))
         if limit is not None and len(items) == limit:
