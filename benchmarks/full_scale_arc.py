@@ -113,8 +113,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     record["model_build_s"] = time.perf_counter() - start
     record["parameters"] = sum(p.numel() for p in model.parameters())
     rm = reroute.attach(model)
-    print(f"{shape} {record['parameters'] / 1e9:.2f} B parameters on {record['device']} "
-          f"({record['model_build_s']:.1f} s); {len(items)} items, {record['prompt_tokens_mean']:.0f} prompt tokens")  # fmt: skip
+    billions, build_s, tokens = record["parameters"] / 1e9, record["model_build_s"], record["prompt_tokens_mean"]
+    print(f"{shape} {billions:.2f} B parameters on {record['device']} ({build_s:.1f} s); {len(items)} items, "
+          f"{tokens:.0f} prompt tokens")  # fmt: skip
 
     index_dir = Path(tempfile.mkdtemp(prefix="arc_index_"))
     if cuda:

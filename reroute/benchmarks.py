@@ -138,7 +138,9 @@ def benchmark_items(name: str, limit: int | None = None, shots: int | None = Non
         if len(contexts) != 1:
             raise ValueError(f"{name} document {doc_id}: options with different contexts are not supported")
         if benchmark.kind == "mc" and len(requests) != len(doc["choices"]):
-            raise ValueError(f"{path}: document {doc_id} has {len(requests)} requests for {len(doc['choices'])} options")
+            raise ValueError(
+                f"{path}: document {doc_id} has {len(requests)} requests for {len(doc['choices'])} options"
+            )
         # without demonstrations the prompt is the document's own query (GSM8K's: its question in the same format)
         bare = doc.get("query") or f"Question: {doc['question']}\nAnswer:"
         item: Item = {"prompt": bare if shots == 0 else contexts.pop()}

@@ -83,7 +83,8 @@ def test_arc_test_rows_rebuilt_from_requests_match_the_benchmark_items():
     assert len(rebuilt) == len(shipped) == 1172
     for ours, theirs in zip(rebuilt[:40], shipped[:40]):
         assert ours["choices"] == theirs["choices"] and ours["label"] == theirs["label"]
-        assert ours["question"] == theirs["question"] and theirs["prompt"].endswith(f"Question: {ours['question']}\nAnswer:")
+        assert ours["question"] == theirs["question"]
+        assert theirs["prompt"].endswith(f"Question: {ours['question']}\nAnswer:")
     # the few-shot prompt really is 5-shot: five demonstrations with their answers, then the question
     assert shipped[0]["prompt"].count("Question: ") == 6
 
