@@ -167,12 +167,12 @@ def main(argv: list[str] | None = None) -> int:
                 "embedder": name,
                 "query_field": field,
                 "mmlu_same_subject": same,
-                "arc_gold_mentioned": mentioned / len(found),
+                "arc_answer_word_share": mentioned / len(found),
                 "arc_sciq_share": sciq,
                 "seconds": seconds,
             }
             results["rows"].append(row)
-            print(f"{name:18} {field:9} {same:18.3f} {row['arc_gold_mentioned']:19.3f} {sciq:15.3f} {seconds:6.1f}")
+            print(f"{name:18} {field:9} {same:18.3f} {row['arc_answer_word_share']:19.3f} {sciq:15.3f} {seconds:6.1f}")
     print(f"MMLU chance (pool subject mix): {chance:.3f}; ARC pool SciQ share "
           f"{sum(i['source'] == 'sciq' for i in arc_pool) / len(arc_pool):.3f}")  # fmt: skip
     out = Path(args.out)
