@@ -195,4 +195,7 @@ def main(argv: Sequence[str] | None = None, loader: Any = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except RecipeError as exc:  # missing data, a wrong schema: one line, no traceback
+        sys.exit(f"error: {exc}")

