@@ -268,8 +268,13 @@ def main() -> None:
                 elapsed = time.perf_counter() - start
                 if round_idx == 0:
                     print(f"batch {batch} {name}: warm-up {elapsed:.1f} s", flush=True)
+                    results.setdefault("warmup_seconds", {}).setdefault(str(batch), {})[name] = elapsed
                 else:
                     times[name].append(elapsed)
+                    print(f"batch {batch} {name}: {batch * args.new_tokens / elapsed:.1f} tok/s", flush=True)
+                    # kept as they come, so that a run cut short by a time limit still reports what it measured
+                    results.setdefault("seconds", {}).setdefault(str(batch), {})[name] = list(times[name])
+                write()
 
         if args.profile:
             with open(args.profile, "a") as handle:
