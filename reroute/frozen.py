@@ -9,16 +9,17 @@ parameter's flag afterwards.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import contextlib
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 
 from torch import nn
 
 
 @contextmanager
-def frozen_weights(model: nn.Module) -> Iterator[None]:
-    """``with frozen_weights(model):`` no parameter of ``model`` requires a gradient; flags restored on exit."""
-    thawed = [p for p in model.parameters() if p.requires_grad]
+def frozen(params: Iterable[nn.Parameter]) -> Iterator[None]:
+    """``with frozen(params):`` none of ``params`` requires a gradient; each flag restored on exit."""
+    thawed = [p for p in params if p.requires_grad]
     for p in thawed:
         p.requires_grad_(False)
     try:
@@ -26,3 +27,8 @@ def frozen_weights(model: nn.Module) -> Iterator[None]:
     finally:
         for p in thawed:
             p.requires_grad_(True)
+
+
+def frozen_weights(model: nn.Module) -> contextlib.AbstractContextManager[None]:
+    """``with frozen_weights(model):`` no parameter of ``model`` requires a gradient; flags restored on exit."""
+    return frozen(model.parameters())

@@ -42,6 +42,7 @@ from lm_eval.models.huggingface import HFLM
 from tqdm import tqdm
 
 from reroute.attach import attach
+from reroute.lmeval_tasks import TASK_KINDS, task_yaml
 from reroute.methods import RoutingMethod, available_methods, get_method
 from reroute.scoring import ContinuationBatch, build_batch
 
@@ -392,60 +393,6 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-_TASK_HEADER = """\
-task: {name}
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-test_split: test
-doc_to_text: "{{{{prompt}}}}"
-target_delimiter: ""
-"""
-_TASK_BODIES = {
-    "mc": """\
-output_type: multiple_choice
-doc_to_choice: "{{choices}}"
-doc_to_target: label
-metric_list:
-  - metric: acc
-    aggregation: mean
-    higher_is_better: true
-""",
-    "gen": """\
-output_type: generate_until
-doc_to_target: "{{answer | trim}}"
-generation_kwargs:
-  until: ["\\n"]
-  max_gen_toks: 4
-  do_sample: false
-metric_list:
-  - metric: exact_match
-    aggregation: mean
-    higher_is_better: true
-""",
-    "sc": """\
-output_type: generate_until
-doc_to_target: "{{answer | trim}}"
-repeats: {repeats}
-generation_kwargs:
-  until: ["\\n"]
-  max_gen_toks: 4
-  do_sample: true
-  temperature: 1.0
-filter_list:
-  - name: maj@{repeats}
-    filter:
-      - function: majority_vote
-      - function: take_first
-metric_list:
-  - metric: exact_match
-    aggregation: mean
-    higher_is_better: true
-""",
-}
-
-
 def write_testbed_tasks(
     folder: str | Path, split: str = "test_shift", n: int = 400, seed: int = 0, repeats: int = 8
 ) -> list[str]:
@@ -466,10 +413,9 @@ def write_testbed_tasks(
     data = folder / "data.jsonl"
     write_jsonl(make_split(split, n=n, seed=seed), data)
     names = []
-    for kind, body in _TASK_BODIES.items():
+    for kind in TASK_KINDS:
         name = f"reroute_testbed_{kind}"
-        header = _TASK_HEADER.format(name=name, data=json.dumps(str(data.resolve())))
-        (folder / f"{name}.yaml").write_text(header + body.replace("{repeats}", str(repeats)))
+        (folder / f"{name}.yaml").write_text(task_yaml(name, data, kind, repeats=repeats))
         names.append(name)
     return names
 

@@ -331,10 +331,11 @@ class C3PO(RoutingMethod):
         if state is None:
             yield
             return
-        repeat_rows(len(state.abstained), batch.input_ids.shape[0])
-        self.apply(state, batch.prompt_len)  # rows expand item-major over the batch
+        copies = repeat_rows(len(state.abstained), batch.input_ids.shape[0])
+        self.apply(state, batch.prompt_len)
         try:
-            yield
+            with self.rm.row_expansion(copies):  # each item's state covers its consecutive rows (item-major)
+                yield
         finally:
             self.rm.clear_mixing(self.layers)
 

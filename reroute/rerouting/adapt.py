@@ -8,15 +8,14 @@ element-wise, so a batch adapts exactly as its rows would alone.
 
 from __future__ import annotations
 
-import contextlib
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 
 from reroute.attach import RoutedModel
-from reroute.frozen import frozen_weights
+from reroute.frozen import frozen, frozen_weights
 from reroute.prefix import PrefixCache
 from reroute.rerouting.config import RerouterConfig
 from reroute.routing.layer import expand_rows
@@ -131,20 +130,6 @@ def install_row_offsets(
     rm.set_row_offsets(values)
 
 
-@contextlib.contextmanager
-def _no_grad_to(params: Sequence[torch.nn.Parameter]) -> Iterator[None]:
-    """Switch off ``requires_grad`` on ``params`` (the user's layer offsets) for a block, so that the phase's
-    backward leaves no gradient on them; flags restored on exit."""
-    thawed = [p for p in params if p.requires_grad]
-    for p in thawed:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p in thawed:
-            p.requires_grad_(True)
-
-
 @torch.enable_grad()  # generate() runs under no_grad; a phase needs gradients whatever the caller's mode
 def adapt_phase(
     rm: RoutedModel,
@@ -178,7 +163,7 @@ def adapt_phase(
     before = None
     first_layer = min(order) if config.reuse_prefix else 0
     run = lambda: context_loss(rm, input_ids, attention_mask)
-    with frozen_weights(rm.model), _no_grad_to(rm.offsets.parameters()), PrefixCache(rm, first_layer, run):
+    with frozen_weights(rm.model), frozen(rm.offsets.parameters()), PrefixCache(rm, first_layer, run):
         for _ in range(config.steps):
             loss = context_loss(rm, input_ids, attention_mask)
             forwards += 1
