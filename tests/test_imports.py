@@ -19,6 +19,7 @@ LAYERS_BELOW_METHODS = {
     "reroute.routing.graph",
     "reroute.routing.layer",
     "reroute.routing.policy",
+    "reroute.routing.replay",
     "reroute.routing.trace",
     "reroute.self_consistency",
     "reroute.testing",

@@ -9,6 +9,8 @@ A block that cannot run here (it downloads a checkpoint from the hub) carries th
 from __future__ import annotations
 
 import re
+import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -43,4 +45,7 @@ def test_readme_block_runs(section, line, code, skip, tmp_path, monkeypatch):
     if skip:
         pytest.skip(f"README.md line {line} ({section}): {skip}")
     monkeypatch.chdir(tmp_path)
-    exec(compile(code, f"README.md:{line}", "exec"), {"__name__": "__readme__"})
+    # a real module, as a pasted session has one: dataclasses and pickling look their class's module up
+    module = types.ModuleType("__readme__")
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    exec(compile(code, f"README.md:{line}", "exec"), module.__dict__)

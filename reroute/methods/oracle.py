@@ -80,9 +80,10 @@ class Oracle(RoutingMethod):
         if state is None:
             yield
             return
-        repeat_rows(state.rows, batch.input_ids.shape[0])
-        state.apply(self.rm, batch.last_prompt_positions[:1])  # rows expand item-major over the batch
+        copies = repeat_rows(state.rows, batch.input_ids.shape[0])
+        state.apply(self.rm, batch.last_prompt_positions[:1])
         try:
-            yield
+            with self.rm.row_expansion(copies):  # each item's state covers its consecutive rows (item-major)
+                yield
         finally:
             self.rm.clear_mixing(state.layers)

@@ -61,7 +61,7 @@ def renormalized_tokens(layer: LayerRouting, num_tokens: int) -> torch.Tensor:
         chosen = True if policy.rank is not None else family
     if layer.policy_rows is None:
         return torch.full((num_tokens,), chosen, dtype=torch.bool)
-    rows = layer._token_rows(layer.policy_rows[:, None], num_tokens, "policy rows")[:, 0].cpu()
+    rows = layer.policy_tokens(num_tokens).cpu()
     return torch.where(rows, chosen, family)
 
 
