@@ -26,6 +26,7 @@ from reroute.c3po.index import ReferenceIndex, ReferenceIndexError
 from reroute.c3po.oracle import optimise_oracle
 from reroute.c3po.pathway import Pathway, core_size, critical_layers, own_pathway
 from reroute.c3po.surrogates import (
+    RECOMPUTE,
     SurrogateResult,
     core_average,
     kernel_regression,
@@ -75,13 +76,24 @@ class C3POConfig:
             "at least this (do not re-mix what the model is already sure of; None: off; not applied to the oracle)"
         },
     )
-    reuse_prefix: bool = field(default=True, metadata={"help": "compute layers below the critical ones once"})
+    reuse_prefix: bool = field(
+        default=True, metadata={"help": "reuse what a step cannot change (False: recompute='full')"}
+    )
+    recompute: str = field(
+        default="suffix",
+        metadata={
+            "help": "what each surrogate step recomputes: suffix (the re-mixed token(s) and the answer through the "
+            "critical layers), layers (every position through the critical layers) or full; same results"
+        },
+    )
 
     def __post_init__(self) -> None:
         if self.surrogate not in SURROGATES:
             raise ValueError(f"surrogate must be one of {SURROGATES}, got {self.surrogate!r}")
         if self.kernel not in KERNELS:
             raise ValueError(f"kernel must be one of {KERNELS}, got {self.kernel!r}")
+        if self.recompute not in RECOMPUTE:
+            raise ValueError(f"recompute must be one of {RECOMPUTE}, got {self.recompute!r}")
         for name in ("k", "last_tokens", "mode_iterations"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -165,7 +177,13 @@ class C3PO:
         try:
             if cfg.surrogate == "oracle":
                 result = optimise_oracle(
-                    self.rm, gold_batch(self.tokenizer, items), self.layers, self.n_core, cfg.steps, cfg.lr
+                    self.rm,
+                    gold_batch(self.tokenizer, items),
+                    self.layers,
+                    self.n_core,
+                    cfg.steps,
+                    cfg.lr,
+                    recompute=self._recompute,
                 )
             elif cfg.surrogate == "mode":
                 pathway, _ = mode_finding(
@@ -182,10 +200,12 @@ class C3PO:
                 if cfg.surrogate == "kernel":
                     stored = self.index.pathways[neighbours]  # [B, k, L_all, E]
                     target = core_average(stored, self.layer_pos, own.experts, self.layers, weights)
-                    result = kernel_regression(self.rm, own, target, batch, weights, positions, cfg.kernel_alphas)
+                    result = kernel_regression(
+                        self.rm, own, target, batch, weights, positions, cfg.kernel_alphas, self._recompute
+                    )
                 else:
                     result = neighbourhood_gd(
-                        self.rm, own, batch, weights, positions, cfg.steps, cfg.lr, cfg.reuse_prefix
+                        self.rm, own, batch, weights, positions, cfg.steps, cfg.lr, recompute=self._recompute
                     )
                 result.forward_passes = result.forward_passes * cfg.k
                 result.backward_passes = result.backward_passes * cfg.k
@@ -199,6 +219,10 @@ class C3PO:
         stats["abstained"] = float(abstained.float().mean())
         stats.update(result.extra)
         return Adaptation(result.pathway, abstained, neighbours, stats, gain, agreement.cpu(), confidence)
+
+    @property
+    def _recompute(self) -> str:
+        return self.config.recompute if self.config.reuse_prefix else "full"
 
     def _neighbours(self, items: Sequence[Item]):
         queries = self.embedder(self.rm, self.tokenizer, self.index.query_texts(items))

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from reroute.attach import RoutedModel
+from reroute.routing.layer import Mixing
 
 
 def critical_layers(rm: RoutedModel, spec: int | float | Sequence[int]) -> list[int]:
@@ -91,6 +92,30 @@ class Pathway:
             {k: v[rows] for k, v in self.experts.items()},
             {k: v[rows] for k, v in self.logits.items()},
         )
+
+    def to(self, device: torch.device | str) -> Pathway:
+        """The same pathway with every tensor on ``device``."""
+        return Pathway(
+            list(self.layers),
+            {k: v.to(device) for k, v in self.experts.items()},
+            {k: v.to(device) for k, v in self.logits.items()},
+        )
+
+    def to_layers(self, rm: RoutedModel) -> Pathway:
+        """The same pathway with each layer's tensors where that layer routes (a no-op where they are)."""
+        return Pathway(
+            list(self.layers),
+            {k: v.to(rm.layer(k).device) for k, v in self.experts.items()},
+            {k: v.to(rm.layer(k).device) for k, v in self.logits.items()},
+        )
+
+    def install(self, rm: RoutedModel, positions: torch.Tensor) -> None:
+        """Like :meth:`apply` without validation or copies, for optimisation loops: the tensors must already be
+        where each layer routes (:meth:`to_layers`), ``experts`` long ``[B, C]`` or ``[1, C]``, ``logits`` float of
+        the same shape, ``positions`` long ``[B, n]`` or ``[1, n]`` (no host sync, no graph break)."""
+        for layer in self.layers:
+            target = rm.layer(layer)
+            target.mixing = Mixing(self.experts[layer], self.logits[layer], positions.to(target.device))
 
     def apply(self, rm: RoutedModel, positions: torch.Tensor) -> None:
         """Install the re-mixing on ``rm`` at ``positions`` (``[B, n]`` absolute positions, or ``[1, n]``)."""
