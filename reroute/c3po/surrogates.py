@@ -83,6 +83,25 @@ def core_average(
     return out
 
 
+def official_pathway(stored: torch.Tensor, similarity: torch.Tensor, layers: Sequence[int]) -> Pathway:
+    """The authors' released algorithm (tianyi-lab/C3PO @e4e064a, ``olmoe_optimizer.py``): per critical layer the
+    cosine-weighted average of the k neighbours' routing distributions over all experts,
+    ``p = sum_i cos_i p_i / sum_i cos_i``, renormalised — kernel regression with alpha = 0, no core restriction.
+
+    ``stored [B, k, Lc, E]`` the neighbours' stored scores in the critical layers; ``similarity [B, k]`` cosine
+    similarities. Returns a pathway whose core is every expert (re-mixing then moves the token's whole routing mass
+    to ``p`` and the family re-selects its top-k).
+    """
+    weights = similarity / similarity.sum(-1, keepdim=True)
+    experts, logits = {}, {}
+    for i, layer in enumerate(layers):
+        average = (weights[..., None] * stored[:, :, i]).sum(1)  # [B, E]
+        average = average / average.sum(-1, keepdim=True)
+        experts[layer] = torch.arange(stored.shape[-1]).expand(len(stored), -1).clone()
+        logits[layer] = average.clamp(min=1e-30).log()
+    return Pathway(list(layers), experts, logits)
+
+
 @dataclass
 class SurrogateResult:
     """Per item: the chosen pathway, the neighbours' loss before/after, and cost counters."""
