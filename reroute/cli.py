@@ -414,7 +414,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--model", default="testbed", help="'testbed' or a local from_pretrained folder")
     ev.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda, cuda:1, ...")
     ev.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    ev.add_argument("--surrogate", default="ngd", choices=["ngd", "kernel", "mode", "oracle"], help="C3PO surrogate")
+    ev.add_argument(
+        "--surrogate", default="ngd", choices=["ngd", "kernel", "mode", "oracle", "official"], help="C3PO surrogate"
+    )
     ev.add_argument(
         "--embedder",
         default="lexical",

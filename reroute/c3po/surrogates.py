@@ -278,17 +278,16 @@ def neighbourhood_gd(
     working = Pathway(list(own.layers), own.experts, params)
     optimizer = torch.optim.Adam(list(params.values()), lr=lr)
     best = own.detached()
-    best_loss = torch.full((weights.shape[0],), float("inf"), device=device)
-    first = None
+    best_loss = first = None
     forwards = backwards = 0
     with neighbour_scorer(rm, neighbours, own.layers, positions, recompute) as score:
         for step in range(steps + 1):
             with torch.set_grad_enabled(step < steps):
                 loss = neighbour_loss(rm, working, neighbours, weights, positions, score)
             forwards += 1
-            current = loss.detach().float()
+            current = loss.detach().float()  # on the device of the model's head
             if first is None:
-                first = current.clone()
+                first = best_loss = current.clone()
             improved = current < best_loss
             best_loss = torch.where(improved, current, best_loss)
             for layer in own.layers:
