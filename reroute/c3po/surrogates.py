@@ -231,9 +231,9 @@ def kernel_regression(
                 mix = alpha * own.omega(layer) + (1 - alpha) * target[layer].to(own.logits[layer].device)
                 logits[layer] = mix.clamp(min=1e-30).log()
             candidate = Pathway(list(own.layers), own.experts, logits)
-            losses.append(neighbour_loss(rm, candidate, neighbours, weights, positions, score).float().cpu())
+            losses.append(neighbour_loss(rm, candidate, neighbours, weights, positions, score).float())
             candidates.append(candidate)
-    table = torch.stack(losses, dim=1)  # [B, A]
+    table = torch.stack(losses, dim=1).cpu()  # [B, A]; one read-back after all candidates
     best = table.argmin(dim=1)
     chosen = {
         layer: torch.stack([candidates[int(a)].logits[layer][b] for b, a in enumerate(best)]).cpu()
