@@ -54,14 +54,19 @@ class PrefixCache:
 
     ``run_batch`` is a callable running the model on the batch (it is called once, without gradients, to record
     the hidden states entering ``first_layer``). With ``start``, only columns ``start:`` of those hidden states are
-    kept: later forwards run those columns only (on a KV cache of the others, see :class:`SuffixScorer`).
+    kept: later forwards run those columns only (on a KV cache of the others, see :class:`SuffixScorer`). With
+    ``rows`` (long ``[B]``), ``run_batch`` runs distinct rows only and row ``b`` of later forwards is its row
+    ``rows[b]``.
     """
 
-    def __init__(self, rm: RoutedModel, first_layer: int, run_batch: Any, start: int = 0) -> None:
+    def __init__(
+        self, rm: RoutedModel, first_layer: int, run_batch: Any, start: int = 0, rows: torch.Tensor | None = None
+    ) -> None:
         self.layers = decoder_layers(rm)
         self.first_layer = first_layer
         self.run_batch = run_batch
         self.start = start
+        self.rows = rows
         self.saved: list[nn.Module] = []
 
     def __enter__(self) -> PrefixCache:
@@ -89,9 +94,10 @@ class PrefixCache:
 
     def _keep(self, value: Any) -> Any:
         """The recorded hidden states ``[B, T, H]`` from column ``start`` on, detached (other outputs as they are)."""
-        if not torch.is_tensor(value):
-            return value
-        return value[:, self.start :].detach() if value.dim() == 3 else value.detach()
+        if not torch.is_tensor(value) or value.dim() != 3:
+            return value.detach() if torch.is_tensor(value) else value
+        value = value[:, self.start :].detach()
+        return value if self.rows is None else value.index_select(0, self.rows.to(value.device))
 
     def __exit__(self, *exc: object) -> None:
         for i, layer in enumerate(self.saved):
@@ -104,8 +110,9 @@ class SuffixScorer:
     ``continuation_logprobs(rm.model, batch)`` does (``[B]``, differentiable in the routing state of layers
     ``>= first_layer`` at columns ``>= start``), recomputing only columns ``start:`` of layers ``first_layer:``.
 
-    On entry the whole batch runs once, without gradients and under the routing state of that moment: it records the
-    KV cache of columns ``:start`` (every layer) and the hidden states of columns ``start:`` entering ``first_layer``.
+    On entry the batch's distinct rows (neighbours shared by several test items run once) run once, without
+    gradients and under the routing state of that moment: it records the KV cache of columns ``:start`` (every
+    layer) and the hidden states of columns ``start:`` entering ``first_layer``.
     Valid while the routing of layers below ``first_layer`` and of columns before ``start`` stays as it was then.
     ``batch``: continuation rows whose scored tokens all lie after ``start`` (``start < prompt_len``).
     """
@@ -118,28 +125,42 @@ class SuffixScorer:
         self.prefix_kv: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.prefix_cache: PrefixCache | None = None
 
-    def _run(self, columns: slice, cache: DynamicCache) -> torch.Tensor:
+    def _run(self, columns: slice, cache: DynamicCache, rows: torch.Tensor | None = None) -> torch.Tensor:
         batch = self.batch
+        ids, mask, positions = batch.input_ids, batch.attention_mask, self.position_ids
+        if rows is not None:
+            ids, mask, positions = ids[rows], mask[rows], positions[rows]
         return self.rm.model(
-            input_ids=batch.input_ids[:, columns],
-            attention_mask=batch.attention_mask,
-            position_ids=self.position_ids[:, columns],
+            input_ids=ids[:, columns],
+            attention_mask=mask,
+            position_ids=positions[:, columns],
             use_cache=True,
             **{CACHE_KWARG: cache},
         ).logits
 
     def __enter__(self) -> SuffixScorer:
         cache = DynamicCache()
-        # one forward of the whole batch: its cache's first `start` columns, and (through PrefixCache's hook, on the
-        # suffix columns) the hidden states entering the first adapted layer
-        self.prefix_cache = PrefixCache(self.rm, self.first_layer, lambda: self._run(slice(None), cache), self.start)
+        batch = self.batch
+        _, inverse = torch.unique(torch.cat([batch.input_ids, batch.attention_mask], 1), dim=0, return_inverse=True)
+        distinct = torch.zeros(int(inverse.max()) + 1, dtype=torch.long, device=inverse.device)
+        distinct[inverse] = torch.arange(len(inverse), device=inverse.device)  # one row per distinct row
+
+        def run() -> torch.Tensor:
+            return self._run(slice(None), cache, distinct)
+
+        # one forward of the distinct rows: their cache's first `start` columns, and (through PrefixCache's hook, on
+        # the suffix columns) the hidden states entering the first adapted layer, spread back to every row
+        self.prefix_cache = PrefixCache(self.rm, self.first_layer, run, self.start, inverse)
         self.prefix_cache.__enter__()
         if self.first_layer == 0:
             with torch.no_grad():
-                self._run(slice(None), cache)
+                run()
         try:
             self.prefix_kv = [
-                (layer.keys[..., : self.start, :].detach(), layer.values[..., : self.start, :].detach())
+                (
+                    layer.keys[..., : self.start, :].index_select(0, inverse.to(layer.keys.device)),
+                    layer.values[..., : self.start, :].index_select(0, inverse.to(layer.values.device)),
+                )
                 for layer in cache.layers
             ]
         except AttributeError as exc:  # a cache layout other than transformers 5.x's per-layer keys/values

@@ -7,6 +7,9 @@ import torch
 
 import reroute
 from reroute.c3po import C3PO, ReferenceIndex
+from reroute.c3po.pathway import Pathway, own_pathway
+from reroute.prefix import SuffixScorer
+from reroute.scoring import continuation_logprobs, gold_batch
 from reroute.testing import tiny_model, tiny_tokenizer
 
 FAMILIES = ("olmoe", "qwen3_moe", "deepseek_v3")
@@ -69,3 +72,36 @@ def test_no_gradient_left_on_offsets_or_weights(family_setup):
         C3PO(rm, index, tok, surrogate=surrogate, critical_layers=1, steps=2, max_confidence=None).adapt(test)
     assert all(rm.layer(i).offsets.grad is None and rm.layer(i).offsets.requires_grad for i in rm.moe_layers)
     assert all(p.grad is None for p in rm.model.parameters())
+
+
+def test_suffix_scorer_equals_a_full_forward_and_runs_repeated_rows_once(family_setup):
+    """``SuffixScorer`` under re-mixing at the last prompt token: the scores of a full forward; a neighbour repeated
+    across items (the same row twice) runs once on entry."""
+    rm, tok, index = family_setup
+    rows = [index.items[i] for i in (0, 1, 0, 2, 1)]
+    batch = gold_batch(tok, rows)
+    layer = rm.moe_layers[-1]
+    own = own_pathway({layer: index.pathways[[0, 1, 0, 2, 1], -1]}, [layer], 4)
+    mixing = {layer: torch.randn(5, 4, generator=torch.Generator().manual_seed(0))}
+    pathway = Pathway([layer], own.experts, mixing)
+    positions = torch.tensor([[batch.prompt_len - 1]])
+    seen_rows = []
+    hook = rm.model.register_forward_pre_hook(
+        lambda m, a, kw: seen_rows.append(kw["input_ids"].shape), with_kwargs=True
+    )
+    try:
+        with torch.no_grad(), SuffixScorer(rm, batch, layer, batch.prompt_len - 1) as score:
+            pathway.install(rm, positions)
+            ours = score()
+        pathway.install(rm, positions)
+        with torch.no_grad():
+            full = continuation_logprobs(rm.model, batch)
+    finally:
+        hook.remove()
+        rm.clear_mixing()
+    assert seen_rows[0][0] == 3  # three distinct rows on entry
+    assert seen_rows[1] == (5, batch.input_ids.shape[1] - batch.prompt_len + 1)  # the step: 5 rows, suffix only
+    torch.testing.assert_close(ours, full, rtol=0, atol=1e-5)
+    with torch.no_grad():
+        base = continuation_logprobs(rm.model, batch)
+    assert (ours - base).abs().max() > 1e-4  # the re-mixing reached the suffix forward
