@@ -6,6 +6,7 @@ same batch. Prints a table and writes JSON (device name included). A benchmark, 
 
     python benchmarks/bench_c3po.py --shape small --device cpu --json c3po_cpu.json
     python benchmarks/bench_c3po.py --shape olmoe-1b-7b --device cuda --dtype bfloat16 --json c3po_gpu.json
+    python benchmarks/bench_c3po.py ... --recompute layers   # every position through the critical layers (before)
 """
 
 from __future__ import annotations
@@ -24,12 +25,15 @@ from reroute.scoring import choice_batch, continuation_logprobs
 from reroute.testing import tiny_tokenizer
 
 
-def items(n: int, seed: int, vocab: int, length: int) -> list[dict]:
+def items(n: int, seed: int, vocab: int, length: int, answer_tokens: int) -> list[dict]:
+    """``n`` random 4-choice items: a ``length``-word prompt, choices of ``answer_tokens`` words each."""
     gen = torch.Generator().manual_seed(seed)
     out = []
     for i in range(n):
         words = [f"w{int(t)}" for t in torch.randint(3, vocab, (length,), generator=gen)]
-        choices = [f" w{int(t)}" for t in torch.randperm(vocab - 3, generator=gen)[:4] + 3]
+        choices = [
+            "".join(f" w{int(t)}" for t in torch.randint(3, vocab, (answer_tokens,), generator=gen)) for _ in range(4)
+        ]
         out.append({"prompt": " ".join(words), "choices": choices, "label": i % 4})
     return out
 
@@ -40,9 +44,19 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--batch", type=int, default=8, help="test items adapted together")
-    parser.add_argument("--prompt-tokens", type=int, default=48)
+    parser.add_argument("--prompt-tokens", type=int, default=256, help="words per prompt (few-shot MC prompts)")
+    parser.add_argument("--answer-tokens", type=int, default=8, help="words per choice (an MC answer's length)")
     parser.add_argument("--reference", type=int, default=256, help="reference items run to build the index")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--recompute",
+        default="suffix",
+        choices=["suffix", "layers", "full"],
+        help="what each surrogate step recomputes",
+    )
+    parser.add_argument(
+        "--surrogates", default="mode,kernel,ngd,oracle,official", help="comma-separated surrogates to time"
+    )
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
 
@@ -51,12 +65,17 @@ def main() -> None:
     model = build(args.shape, args.device, dtype)
     rm = reroute.attach(model)
     tok = tiny_tokenizer(vocab)
-    index = ReferenceIndex.build(rm, tok, items(args.reference, 1, vocab, args.prompt_tokens), progress=False)
-    test = items(args.batch, 2, vocab, args.prompt_tokens)
+    index = ReferenceIndex.build(
+        rm, tok, items(args.reference, 1, vocab, args.prompt_tokens, args.answer_tokens), progress=False
+    )
+    test = items(args.batch, 2, vocab, args.prompt_tokens, args.answer_tokens)
     batch, _ = choice_batch(tok, test)
     batch = batch.to(args.device)
 
-    c3pos = {surrogate: C3PO(rm, index, tok, surrogate=surrogate) for surrogate in ("mode", "kernel", "ngd", "oracle")}
+    c3pos = {
+        surrogate: C3PO(rm, index, tok, surrogate=surrogate, recompute=args.recompute)
+        for surrogate in args.surrogates.split(",")
+    }
     runs = {"plain": partial(continuation_logprobs, model, batch)}
     runs.update({surrogate: partial(c3po.score_choices, test) for surrogate, c3po in c3pos.items()})
     with torch.no_grad():
@@ -78,7 +97,8 @@ def main() -> None:
     name = device_name(args.device)
     print(
         f"C3PO cost per item vs one plain forward — {args.shape}, {args.dtype}, batch {args.batch}, "
-        f"{args.prompt_tokens}-token prompts, index of {len(index)}, on {name}"
+        f"{args.prompt_tokens}-token prompts, {args.answer_tokens}-token answers, recompute={args.recompute}, "
+        f"index of {len(index)}, on {name}"
     )
     print(f"{'surrogate':<10}{'s/batch':>10}{'× forward':>11}{'fwd/item':>10}{'bwd/item':>10}")
     for row in rows:
@@ -96,6 +116,8 @@ def main() -> None:
             "dtype": args.dtype,
             "batch": args.batch,
             "prompt_tokens": args.prompt_tokens,
+            "answer_tokens": args.answer_tokens,
+            "recompute": args.recompute,
             "index_size": len(index),
             "plain_forward_seconds_per_item": base,
             "rows": rows,

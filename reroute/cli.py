@@ -682,7 +682,9 @@ def build_parser() -> argparse.ArgumentParser:
         "c3po.min_agreement=0.5); values are JSON or plain strings; repeatable",
     )
     ev.add_argument(
-        "--surrogate", choices=["ngd", "kernel", "mode", "oracle"], help="C3PO surrogate (= --set c3po.surrogate=S)"
+        "--surrogate",
+        choices=["ngd", "kernel", "mode", "oracle", "official"],
+        help="C3PO surrogate (= --set c3po.surrogate=S)",
     )
     ev.add_argument("--index", help="C3PO reference index folder (see 'reroute index build')")
     ev.add_argument(

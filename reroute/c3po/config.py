@@ -4,15 +4,23 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-SURROGATES = ("ngd", "kernel", "mode", "oracle")
+SURROGATES = ("ngd", "kernel", "mode", "oracle", "official")
 KERNELS = ("gaussian", "matern", "polynomial", "linear")
+RECOMPUTE = ("suffix", "layers", "full")
+"""What each surrogate step recomputes (see :func:`reroute.c3po.surrogates.neighbour_scorer`)."""
 
 
 @dataclass
 class C3POConfig:
     """C3PO hyperparameters; defaults are the paper's OLMoE settings where it states them."""
 
-    surrogate: str = field(default="ngd", metadata={"help": "ngd | kernel | mode | oracle (reads labels)"})
+    surrogate: str = field(
+        default="ngd",
+        metadata={
+            "help": "ngd | kernel | mode | oracle (reads labels) | official (the authors' released code: cosine-"
+            "weighted average of the k neighbours' routing over all experts, at the last token of every forward)"
+        },
+    )
     k: int = field(default=3, metadata={"help": "neighbours per test item (paper Table 4: k=3 best)"})
     kernel: str = field(default="gaussian", metadata={"help": "gaussian | matern | polynomial | linear"})
     bandwidth: float | None = field(default=None, metadata={"help": "kernel bandwidth; None = median distance"})
@@ -42,13 +50,24 @@ class C3POConfig:
             "at least this (do not re-mix what the model is already sure of; None: off; not applied to the oracle)"
         },
     )
-    reuse_prefix: bool = field(default=True, metadata={"help": "compute layers below the critical ones once"})
+    reuse_prefix: bool = field(
+        default=True, metadata={"help": "reuse what a step cannot change (False: recompute='full')"}
+    )
+    recompute: str = field(
+        default="suffix",
+        metadata={
+            "help": "what each surrogate step recomputes: suffix (the re-mixed token(s) and the answer through the "
+            "critical layers), layers (every position through the critical layers) or full; same results"
+        },
+    )
 
     def __post_init__(self) -> None:
         if self.surrogate not in SURROGATES:
             raise ValueError(f"surrogate must be one of {SURROGATES}, got {self.surrogate!r}")
         if self.kernel not in KERNELS:
             raise ValueError(f"kernel must be one of {KERNELS}, got {self.kernel!r}")
+        if self.recompute not in RECOMPUTE:
+            raise ValueError(f"recompute must be one of {RECOMPUTE}, got {self.recompute!r}")
         for name in ("k", "last_tokens", "mode_iterations"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:

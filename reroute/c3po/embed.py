@@ -11,16 +11,23 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from reroute.attach import RoutedModel
-from reroute.scoring import prompt_batch
+from reroute.scoring import ContinuationBatch, prompt_batch
 
 
 def _normalise(x: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.normalize(x.float(), dim=-1)
+
+
+def _mean_hidden(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """L2-normalised mean of ``hidden [N, T, H]`` over the unmasked tokens: ``[N, H]`` on CPU."""
+    mask = attention_mask[..., None].float()
+    return _normalise((hidden.float() * mask).sum(1) / mask.sum(1)).cpu()
 
 
 class HiddenStateEmbedder:
@@ -37,9 +44,7 @@ class HiddenStateEmbedder:
                 position_ids=(batch.attention_mask.cumsum(-1) - 1).clamp(min=0),
                 output_hidden_states=True,
             )
-        hidden = out.hidden_states[-1].float()
-        mask = batch.attention_mask[..., None].float()
-        return _normalise((hidden * mask).sum(1) / mask.sum(1)).cpu()
+        return _mean_hidden(out.hidden_states[-1], batch.attention_mask)
 
 
 class PathwayEmbedder:
@@ -99,6 +104,19 @@ class SentenceTransformerEmbedder(CallableEmbedder):
         self.name = f"sentence-transformers:{model_name}"
 
 
+def embedder_name(spec: str | Callable[..., Any] | None) -> str:
+    """The name :func:`make_embedder` would give ``spec``, without making it (nothing is loaded)."""
+    if spec is None or spec in ("hidden", HiddenStateEmbedder.name):
+        return HiddenStateEmbedder.name
+    if spec in ("pathway", PathwayEmbedder.name):
+        return PathwayEmbedder.name
+    if spec == "lexical":
+        return LexicalEmbedder().name
+    if isinstance(spec, str):
+        return spec if re.fullmatch(r"lexical-\d+", spec) else f"sentence-transformers:{spec}"
+    return str(getattr(spec, "name", ""))
+
+
 def make_embedder(spec: str | Callable[..., Any] | None) -> Any:
     """``None``/``"hidden"``: hidden states; ``"pathway"``: routing fingerprint; ``"lexical"`` (or
     ``"lexical-<dim>"``): hashed token counts; other strings: a sentence-transformers model; an embedder object is
@@ -128,17 +146,41 @@ def prompt_pathways(rm: RoutedModel, tokenizer: Any, prompts: Sequence[str]) -> 
 def prompt_state(rm: RoutedModel, tokenizer: Any, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
     """One forward of the prompts: their pathways ``[N, L, E]`` (as :func:`prompt_pathways`) and the model's
     confidence at the last prompt token ``[N]`` (the largest next-token probability), both on CPU."""
-    batch = prompt_batch(tokenizer, prompts).to(rm.model.device)
+    state = prompt_forward(rm, prompt_batch(tokenizer, prompts))
+    return state.pathways, state.confidence
+
+
+@dataclass
+class PromptState:
+    """What one forward of the prompts gives C3PO (all on CPU).
+
+    Attributes:
+        pathways: ``[N, L, E]`` per-expert routing scores at the last prompt token, every MoE layer.
+        confidence: ``[N]`` the largest next-token probability at the last prompt token.
+        embedding: ``[N, H]`` the :class:`HiddenStateEmbedder` embedding of the prompts, when asked for.
+    """
+
+    pathways: torch.Tensor
+    confidence: torch.Tensor
+    embedding: torch.Tensor | None = None
+
+
+def prompt_forward(rm: RoutedModel, batch: ContinuationBatch, hidden: bool = False) -> PromptState:
+    """One forward of left-padded prompts ``batch`` (every last prompt token in the last column): pathways,
+    confidence and, with ``hidden``, the hidden-state embedding (equal to :class:`HiddenStateEmbedder`'s)."""
+    batch = batch.to(rm.model.device)
     position_ids = (batch.attention_mask.cumsum(-1) - 1).clamp(min=0)
     with torch.no_grad(), rm.trace() as trace:
-        logits = rm.model(
+        out = rm.model(
             input_ids=batch.input_ids,
             attention_mask=batch.attention_mask,
             position_ids=position_ids,
             use_cache=False,
+            output_hidden_states=hidden,
             logits_to_keep=1,  # left padding: the last column is every prompt's last token
-        ).logits[:, -1]
-    column = batch.prompt_len - 1
+        )
+    column = batch.input_ids.shape[1] - 1
     pathways = torch.stack([trace.scores(layer)[:, column].float().cpu() for layer in rm.moe_layers], dim=1)
-    confidence = torch.softmax(logits.float(), dim=-1).max(dim=-1).values.cpu()
-    return pathways, confidence
+    confidence = torch.softmax(out.logits[:, -1].float(), dim=-1).max(dim=-1).values.cpu()
+    embedding = _mean_hidden(out.hidden_states[-1], batch.attention_mask) if hidden else None
+    return PromptState(pathways, confidence, embedding)

@@ -6,13 +6,20 @@ folder, no pickle anywhere:
 * ``embeddings.faiss`` — FAISS index of L2-normalised embeddings (inner product = cosine similarity);
 * ``pathways.safetensors`` — ``pathways [N, L, E]``: per-expert routing scores at each item's last prompt token
   in every MoE layer (float32), and ``embeddings [N, D]``;
-* ``index.json`` — model fingerprint, embedder name, items (prompt, label, ...), and the keys of every item seen
-  (successful or not), so a build can resume or be extended without redoing work.
+* ``index.json`` — model fingerprint, embedder name, items (prompt, label, ...), the keys of every item seen
+  (successful or not), so a build can resume or be extended without redoing work, and the size and SHA-256 of the
+  two other files: a file replaced or changed after saving is refused at load.
+
+A save writes a new folder beside the target and renames it into place, so a failed save leaves the previous
+index whole.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import shutil
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,8 +35,9 @@ from reroute.progress import progress_bar
 from reroute.scoring import answer_matches, generate_with, score_with
 
 FORMAT = "reroute-reference-index"
-VERSION = 1
+VERSION = 2  # 2: file sizes and SHA-256 in index.json
 FILES = ("embeddings.faiss", "pathways.safetensors", "index.json")
+DATA_FILES = FILES[:2]
 
 
 class ReferenceIndexError(ValueError):
@@ -69,6 +77,8 @@ class ReferenceIndex:
         self.seen = seen
         self.faiss_kind = faiss_kind
         self._faiss = None
+        # the embedder object the user gave to build, extend or load this index (never one named only by the file)
+        self.embedder: Any = None
 
     def __len__(self) -> int:
         return len(self.items)
@@ -140,6 +150,7 @@ class ReferenceIndex:
         """Add the successful items of ``data`` not seen before (saving to ``path`` after each batch)."""
         embed = make_embedder(embedder)
         self._check_compatible(rm.fingerprint(), embed.name)
+        self.embedder = embed
         seen = set(self.seen)
         todo = [item for item in load_items(data) if item_key(item) not in seen]
         if self.mode == "mc" and any(item.get("choices") is None for item in todo):
@@ -228,7 +239,10 @@ class ReferenceIndex:
             raise ValueError(f"k must be a positive integer, got {k!r}")
         if k > len(self):
             raise ReferenceIndexError(f"k={k} exceeds the {len(self)} items in the reference index")
-        queries = torch.nn.functional.normalize(torch.as_tensor(queries).float(), dim=-1)
+        queries = torch.as_tensor(queries).float()
+        if not torch.isfinite(queries).all():
+            raise ValueError("query embeddings contain NaN or infinite values; check the embedder's output")
+        queries = torch.nn.functional.normalize(queries, dim=-1)
         if queries.dim() != 2 or queries.shape[1] != self.dim:
             raise ReferenceIndexError(
                 f"query embeddings have shape {tuple(queries.shape)}; the index holds {self.dim}-dimensional "
@@ -252,35 +266,52 @@ class ReferenceIndex:
 
     # ------------------------------------------------------------------------------------------ storage
     def save(self, path: str | Path) -> Path:
+        """Write the index to the folder ``path`` (created or replaced whole: written beside it, then renamed)."""
         import faiss
         from safetensors.torch import save_file
 
         path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        meta = {
-            "format": FORMAT,
-            "version": VERSION,
-            "fingerprint": self.fingerprint,
-            "embedder": self.embedder_name,
-            "query_field": self.query_field,
-            "mode": self.mode,
-            "faiss": self.faiss_kind,
-            "size": len(self),
-            "items": self.items,
-            "seen": self.seen,
-        }
-        tensors = {"pathways": self.pathways.contiguous(), "embeddings": self.embeddings.contiguous()}
-        save_file(tensors, str(path / "pathways.safetensors"))
-        if len(self):
-            faiss.write_index(self._index(), str(path / "embeddings.faiss"))
-        else:
-            (path / "embeddings.faiss").unlink(missing_ok=True)
-        (path / "index.json").write_text(json.dumps(meta) + "\n")
+        if path.exists() and not path.is_dir():
+            raise ReferenceIndexError(f"cannot save a reference index to {path}: it is a file; give a folder path")
+        if path.is_dir() and any(path.iterdir()) and not (path / "index.json").is_file():
+            raise ReferenceIndexError(
+                f"{path} is a folder that holds no reference index; save to a new or empty folder"
+            )
+        path.parent.mkdir(parents=True, exist_ok=True)
+        staging = path.parent / f".{path.name}.saving-{uuid.uuid4().hex[:8]}"
+        staging.mkdir()
+        try:
+            tensors = {"pathways": self.pathways.contiguous(), "embeddings": self.embeddings.contiguous()}
+            save_file(tensors, str(staging / "pathways.safetensors"))
+            if len(self):
+                faiss.write_index(self._index(), str(staging / "embeddings.faiss"))
+            meta = {
+                "format": FORMAT,
+                "version": VERSION,
+                "fingerprint": self.fingerprint,
+                "embedder": self.embedder_name,
+                "query_field": self.query_field,
+                "mode": self.mode,
+                "faiss": self.faiss_kind,
+                "size": len(self),
+                "files": {name: _file_digest(staging / name) for name in DATA_FILES if (staging / name).is_file()},
+                "items": self.items,
+                "seen": self.seen,
+            }
+            (staging / "index.json").write_text(json.dumps(meta) + "\n")
+            _replace_folder(staging, path)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
         return path
 
     @classmethod
     def load(cls, path: str | Path, rm: RoutedModel | None = None, embedder: Any = None) -> ReferenceIndex:
-        """Load an index; with ``rm``/``embedder`` given, an index built for another model or embedder is an error."""
+        """Load an index; with ``rm``/``embedder`` given, an index built for another model or embedder is an error.
+
+        Loading never loads a model the caller did not name: the file only records the embedder's name, and an
+        index built with an external encoder (sentence-transformers, a callable) needs ``embedder=`` here or in
+        :class:`~reroute.C3PO` (checked against the recorded name). Files changed since saving are refused.
+        """
         import faiss
         from safetensors import SafetensorError
         from safetensors.torch import load_file
@@ -292,8 +323,12 @@ class ReferenceIndex:
             meta = json.loads((path / "index.json").read_text())
         except json.JSONDecodeError as exc:
             raise ReferenceIndexError(f"{path}/index.json is corrupted: {exc}") from exc
-        if meta.get("format") != FORMAT:
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
             raise ReferenceIndexError(f"{path} is not a reroute reference index")
+        missing = [key for key in ("fingerprint", "embedder", "mode", "size", "items") if key not in meta]
+        if missing:
+            raise ReferenceIndexError(f"{path}/index.json lacks {', '.join(missing)}; rebuild the index")
+        _check_files(path, meta)
         try:
             tensors = load_file(str(path / "pathways.safetensors"))
         except (FileNotFoundError, SafetensorError, OSError) as exc:
@@ -323,10 +358,13 @@ class ReferenceIndex:
                 )
             index._faiss = stored
         if rm is not None or embedder is not None:
+            # the embedder is made from what the caller named, never from the name the file records
+            embed = make_embedder(embedder) if embedder is not None else None
             index._check_compatible(
                 rm.fingerprint() if rm is not None else index.fingerprint,
-                make_embedder(embedder).name if embedder is not None else index.embedder_name,
+                embed.name if embed is not None else index.embedder_name,
             )
+            index.embedder = embed
         return index
 
     def _check_compatible(self, fingerprint: dict[str, Any], embedder_name: str) -> None:
@@ -338,3 +376,51 @@ class ReferenceIndex:
             raise ReferenceIndexError(
                 f"the reference index holds {self.embedder_name} embeddings; cannot use embedder {embedder_name}"
             )
+
+
+def _file_digest(file: Path) -> dict[str, Any]:
+    """``{"bytes": size, "sha256": hex digest}`` of a file."""
+    digest = hashlib.sha256()
+    with open(file, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return {"bytes": file.stat().st_size, "sha256": digest.hexdigest()}
+
+
+def _check_files(path: Path, meta: dict[str, Any]) -> None:
+    """Refuse data files that differ from those the index was saved with (indexes saved before version 2 carry no
+    digests and are not checked)."""
+    recorded = meta.get("files")
+    if recorded is None and meta.get("version", 1) < 2:
+        return
+    if not isinstance(recorded, dict):
+        raise ReferenceIndexError(f"{path}/index.json lacks the digests of its files; rebuild the index")
+    for name in DATA_FILES:
+        if name not in recorded:
+            if name == "embeddings.faiss" and meta.get("size") == 0:
+                continue
+            raise ReferenceIndexError(f"{path}/index.json records no digest for {name}; rebuild the index")
+        if not (path / name).is_file():
+            raise ReferenceIndexError(f"{path}/{name} is missing; rebuild the index")
+        if _file_digest(path / name) != recorded[name]:
+            raise ReferenceIndexError(
+                f"{path}/{name} is corrupted or was replaced after saving (its size or SHA-256 differs from what "
+                "index.json records): rebuild the index"
+            )
+
+
+def _replace_folder(staging: Path, path: Path) -> None:
+    """Move the complete folder ``staging`` to ``path``, replacing what is there; the old folder is renamed aside
+    first and removed only once the new one is in place (a crash in between leaves one of the two whole)."""
+    old = None
+    if path.exists():
+        old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
+        path.rename(old)
+    try:
+        staging.rename(path)
+    except OSError:
+        if old is not None:
+            old.rename(path)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

@@ -24,8 +24,8 @@ import torch
 
 from reroute.attach import RoutedModel
 from reroute.c3po.config import KERNELS, SURROGATES, C3POConfig  # noqa: F401  (KERNELS, SURROGATES: re-exported)
-from reroute.c3po.embed import make_embedder, prompt_state
-from reroute.c3po.index import ReferenceIndex, ReferenceIndexError
+from reroute.c3po.embed import HiddenStateEmbedder, embedder_name, make_embedder, prompt_forward
+from reroute.c3po.index import Neighbours, ReferenceIndex, ReferenceIndexError
 from reroute.c3po.oracle import optimise_oracle
 from reroute.c3po.pathway import Pathway, core_size, critical_layers, own_pathway
 from reroute.c3po.surrogates import (
@@ -36,6 +36,7 @@ from reroute.c3po.surrogates import (
     mode_finding,
     neighbour_loss,
     neighbourhood_gd,
+    official_pathway,
 )
 from reroute.data import Item
 from reroute.methods import RoutingMethod, register_method, repeat_rows
@@ -95,52 +96,77 @@ class C3PO(RoutingMethod):
             if index is None:
                 raise ValueError(f"surrogate {self.config.surrogate!r} needs a reference index")
             index.require_nonempty()
-            self.embedder = make_embedder(embedder if embedder is not None else _embedder_spec(index))
+            spec = embedder if embedder is not None else _embedder_spec(index)
+            index._check_compatible(rm.fingerprint(), embedder_name(spec))  # before anything is loaded
+            self.embedder = make_embedder(spec)
             index._check_compatible(rm.fingerprint(), self.embedder.name)
             if self.config.k > len(index):
                 raise ReferenceIndexError(f"k={self.config.k} exceeds the {len(index)} items in the reference index")
 
     # --------------------------------------------------------------------------------------------- adapt
-    def adapt(self, items: Sequence[Item] | Sequence[str]) -> Adaptation:
-        """Find each item's pathway (items: dicts with a prompt — and a label for the oracle — or prompt strings)."""
+    def adapt(
+        self,
+        items: Sequence[Item] | Sequence[str],
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> Adaptation:
+        """Find each item's pathway (items: dicts with a prompt — and a label for the oracle — or prompt strings).
+
+        ``input_ids``/``attention_mask`` (left-padded ``[B, P]``, optional): the prompts' tokens, used as given for
+        the model's forwards instead of tokenizing the prompts (the prompt texts then serve retrieval only).
+        """
         items = [{"prompt": x} if isinstance(x, str) else x for x in items]
-        prompts = [item["prompt"] for item in items]
         start = time.perf_counter()
         cfg = self.config
-        own_scores, confidence = prompt_state(self.rm, self.tokenizer, prompts)  # [B, L_all, E], [B]
+        if input_ids is None:
+            prompts = prompt_batch(self.tokenizer, [item["prompt"] for item in items])
+        else:
+            mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+            prompts = ContinuationBatch(
+                input_ids, mask, torch.zeros_like(input_ids, dtype=torch.bool), input_ids.shape[1]
+            )
+        retrieves = cfg.surrogate in ("ngd", "kernel", "official")
+        # one prompt forward gives the pathway, the confidence and (hidden-state retrieval on the prompt) the query
+        shared_query = (
+            retrieves and self.embedder.name == HiddenStateEmbedder.name and self.index.query_field == "prompt"
+        )
+        state = prompt_forward(self.rm, prompts, hidden=shared_query)
+        own_scores, confidence = state.pathways, state.confidence  # [B, L_all, E], [B]
         own = own_pathway(
             {layer: own_scores[:, p] for layer, p in zip(self.layers, self.layer_pos)}, self.layers, self.n_core
         )
         stats: dict[str, float] = {"forward_passes": 1.0, "backward_passes": 0.0}
         neighbours = torch.zeros(len(items), 0, dtype=torch.long)
         agreement = torch.ones(len(items))
+        zeros = torch.zeros(len(items))
         try:
             if cfg.surrogate == "oracle":
                 result = optimise_oracle(
-                    self.rm, gold_batch(self.tokenizer, items), self.layers, self.n_core, cfg.steps, cfg.lr
+                    self.rm,
+                    gold_batch(self.tokenizer, items),
+                    self.layers,
+                    self.n_core,
+                    cfg.steps,
+                    cfg.lr,
+                    recompute=self._recompute,
                 )
             elif cfg.surrogate == "mode":
                 pathway, _ = mode_finding(
                     own, own_scores, self.index.pathways, self.layer_pos, cfg.k, cfg.mode_iterations, cfg.mode_alpha
                 )
-                result = SurrogateResult(pathway, torch.zeros(len(items)), torch.zeros(len(items)))
+                result = SurrogateResult(pathway, zeros, zeros)
             else:
-                found = self._neighbours(items)
+                if not shared_query:
+                    stats["forward_passes"] += 1  # the query embedding
+                found = self._neighbours(items, state.embedding)
                 neighbours = found.ids
-                weights = kernel_weights(found.similarity, cfg.kernel, cfg.bandwidth)
-                agreement = self._agreement(neighbours)
-                batch, positions = self._neighbour_batch(neighbours)
-                stats["forward_passes"] += 1  # the query embedding
-                if cfg.surrogate == "kernel":
-                    stored = self.index.pathways[neighbours]  # [B, k, L_all, E]
-                    target = core_average(stored, self.layer_pos, own.experts, self.layers, weights)
-                    result = kernel_regression(self.rm, own, target, batch, weights, positions, cfg.kernel_alphas)
+                if cfg.surrogate == "official":
+                    stored = self.index.pathways[neighbours][:, :, self.layer_pos]  # [B, k, Lc, E]
+                    result = SurrogateResult(official_pathway(stored, found.similarity, self.layers), zeros, zeros)
                 else:
-                    result = neighbourhood_gd(
-                        self.rm, own, batch, weights, positions, cfg.steps, cfg.lr, cfg.reuse_prefix
-                    )
-                result.forward_passes = result.forward_passes * cfg.k
-                result.backward_passes = result.backward_passes * cfg.k
+                    agreement = self._agreement(neighbours)
+                    result = self._neighbour_surrogate(own, found, self._skips(confidence))
+                    stats["surrogate_items"] = result.extra.pop("items")
         finally:
             self.rm.clear_mixing(self.layers)
         gain = _relative_gain(result)
@@ -152,9 +178,60 @@ class C3PO(RoutingMethod):
         stats.update(result.extra)
         return Adaptation(result.pathway, abstained, neighbours, stats, gain, agreement.cpu(), confidence)
 
-    def _neighbours(self, items: Sequence[Item]):
-        queries = self.embedder(self.rm, self.tokenizer, self.index.query_texts(items))
-        found = self.index.search(queries, self.config.k, self.config.exclude_above)
+    def _skips(self, confidence: torch.Tensor) -> torch.Tensor:
+        """Bool ``[B]``: items whose confidence gate fires before any surrogate work (they keep the base routing
+        whatever the surrogate finds, so it is not run for them)."""
+        if self.config.max_confidence is None:
+            return torch.zeros(len(confidence), dtype=torch.bool)
+        return confidence >= self.config.max_confidence
+
+    def _neighbour_surrogate(self, own: Pathway, found: Neighbours, skip: torch.Tensor) -> SurrogateResult:
+        """Kernel regression or NGD for the items not skipped; skipped items keep their own pathway (gain 0).
+        Pass counts are per item of the whole batch (``k`` neighbour rows per adapted item)."""
+        cfg = self.config
+        todo = (~skip).nonzero()[:, 0]
+        rows = len(skip)
+        before, after = torch.zeros(rows), torch.zeros(rows)
+        if len(todo) == 0:
+            return SurrogateResult(own, before, after, extra={"items": 0.0})
+        sub_own = own.select(todo)
+        neighbours = found.ids[todo]
+        weights = kernel_weights(found.similarity[todo], cfg.kernel, cfg.bandwidth)
+        batch, positions = self._neighbour_batch(neighbours)
+        if cfg.surrogate == "kernel":
+            stored = self.index.pathways[neighbours]  # [b, k, L_all, E]
+            target = core_average(stored, self.layer_pos, sub_own.experts, self.layers, weights)
+            result = kernel_regression(
+                self.rm, sub_own, target, batch, weights, positions, cfg.kernel_alphas, self._recompute
+            )
+        else:
+            result = neighbourhood_gd(
+                self.rm, sub_own, batch, weights, positions, cfg.steps, cfg.lr, recompute=self._recompute
+            )
+        logits = {layer: own.logits[layer].clone() for layer in own.layers}
+        for layer in own.layers:
+            logits[layer][todo] = result.pathway.logits[layer].to(logits[layer].device)
+        before[todo], after[todo] = result.loss_before.float(), result.loss_after.float()
+        share = cfg.k * len(todo) / rows
+        return SurrogateResult(
+            Pathway(list(own.layers), own.experts, logits),
+            before,
+            after,
+            forward_passes=result.forward_passes * share,
+            backward_passes=result.backward_passes * share,
+            extra={**result.extra, "items": float(len(todo))},
+        )
+
+    @property
+    def _recompute(self) -> str:
+        return self.config.recompute if self.config.reuse_prefix else "full"
+
+    def _neighbours(self, items: Sequence[Item], queries: torch.Tensor | None = None) -> Neighbours:
+        if queries is None:
+            queries = self.embedder(self.rm, self.tokenizer, self.index.query_texts(items))
+        # the authors' released code keeps every neighbour, near-duplicates included
+        exclude_above = float("inf") if self.config.surrogate == "official" else self.config.exclude_above
+        found = self.index.search(queries, self.config.k, exclude_above)
         if (found.ids < 0).any():
             raise ReferenceIndexError(
                 f"fewer than k={self.config.k} neighbours left after excluding near-duplicates "
@@ -185,6 +262,8 @@ class C3PO(RoutingMethod):
     def _gate(self, gain: torch.Tensor, agreement: torch.Tensor, confidence: torch.Tensor) -> torch.Tensor:
         cfg = self.config
         abstain = torch.zeros(len(agreement), dtype=torch.bool)
+        if cfg.surrogate == "official":  # the authors' released code has no gate
+            return abstain
         if cfg.max_confidence is not None and cfg.surrogate != "oracle":
             abstain |= confidence >= cfg.max_confidence
         if cfg.min_agreement is not None:
@@ -194,24 +273,44 @@ class C3PO(RoutingMethod):
         return abstain
 
     # --------------------------------------------------------------------------------------------- apply
-    def apply(self, adaptation: Adaptation, prompt_len: int, rows_per_item: int = 1) -> None:
+    def apply(
+        self, adaptation: Adaptation, prompt_len: int, rows_per_item: int = 1, total_len: int | None = None
+    ) -> None:
         """Install the adapted routing for a batch whose prompts end at column ``prompt_len - 1`` (abstaining
-        items get no re-mixing at all, so they route exactly as the base model)."""
-        positions = self._last_positions(prompt_len).expand(len(adaptation.abstained), -1).clone()
+        items get no re-mixing at all, so they route exactly as the base model).
+
+        ``total_len``: the columns the batch will reach (prompt + continuation or generated tokens); the
+        ``official`` surrogate re-mixes every token from the last prompt token up to there, as the authors' code
+        re-mixes the last token of every forward.
+        """
+        if self.config.surrogate == "official" and total_len is not None:
+            positions = torch.arange(prompt_len - 1, total_len)[None]
+        else:
+            positions = self._last_positions(prompt_len)
+        positions = positions.expand(len(adaptation.abstained), -1).clone()
         positions[adaptation.abstained] = -1
         adaptation.pathway.apply(self.rm, positions)
 
     def score_choices(self, items: Sequence[Item], adaptation: Adaptation | None = None) -> list[int]:
         """Multiple-choice predictions with each item's adapted routing at its last prompt token(s)."""
-        adaptation = adaptation or self.adapt(items)
         batch, n_choices = choice_batch(self.tokenizer, items)
-        self.apply(adaptation, batch.prompt_len)
+        self._check_context(batch.input_ids.shape[1], "a prompt with its longest choice")
+        adaptation = adaptation or self.adapt(items)
+        self.apply(adaptation, batch.prompt_len, total_len=batch.input_ids.shape[1])
         try:
             with torch.no_grad(), self.rm.row_expansion(n_choices):  # each item's choices: consecutive rows
                 scores = continuation_logprobs(self.rm.model, batch.to(self.rm.model.device))
         finally:
             self.rm.clear_mixing(self.layers)
         return scores.view(len(items), n_choices).argmax(-1).tolist()
+
+    def _check_context(self, length: int, what: str) -> None:
+        limit = getattr(self.rm.model.config, "max_position_embeddings", None)
+        if limit is not None and length > limit:
+            raise ValueError(
+                f"{what} takes {length} tokens; the model's context is {limit}: shorten the prompt or use fewer "
+                "few-shot examples"
+            )
 
     def generate(
         self,
@@ -223,26 +322,32 @@ class C3PO(RoutingMethod):
     ) -> Any:
         """``model.generate`` with each prompt's adapted routing at its last prompt token(s).
 
-        Give ``prompts`` (left-padded here) or left-padded ``input_ids``/``attention_mask``. Rows created by
-        ``num_return_sequences`` share their prompt's adaptation (computed once per prompt).
+        Give ``prompts`` (left-padded here) or left-padded ``input_ids``/``attention_mask``, which the model runs as
+        given (never decoded and re-encoded; a text embedder retrieves neighbours by their decoded text). Rows
+        created by ``num_return_sequences`` share their prompt's adaptation (computed once per prompt).
         """
         if prompts is None:
             if input_ids is None:
                 raise ValueError("give prompts or input_ids")
-            if attention_mask is not None and not bool(attention_mask[:, -1].all()):
+            if attention_mask is None:
+                attention_mask = torch.ones_like(input_ids)
+            if not bool(attention_mask[:, -1].all()):
                 raise ValueError(
                     "C3PO.generate needs left-padded input_ids (every row's prompt ends at the last column)"
                 )
-            prompts = [
-                self.tokenizer.decode(row[mask.bool()] if attention_mask is not None else row, skip_special_tokens=True)
-                for row, mask in zip(input_ids, attention_mask if attention_mask is not None else input_ids)
+            # the model runs on input_ids as given; the decoded text only serves a text embedder's retrieval
+            texts = [
+                self.tokenizer.decode(row[mask.bool()], skip_special_tokens=True)
+                for row, mask in zip(input_ids, attention_mask)
             ]
+            adaptation = adaptation or self.adapt(texts, input_ids=input_ids, attention_mask=attention_mask)
         else:
             batch = prompt_batch(self.tokenizer, prompts)
             input_ids, attention_mask = batch.input_ids, batch.attention_mask
-        adaptation = adaptation or self.adapt(list(prompts))
+            adaptation = adaptation or self.adapt(list(prompts))
         device = self.rm.model.device
-        self.apply(adaptation, input_ids.shape[1])
+        prompt_len = input_ids.shape[1]
+        self.apply(adaptation, prompt_len, total_len=prompt_len + self._new_tokens(prompt_len, generate_kwargs))
         try:
             with torch.no_grad():
                 return self.rm.model.generate(
@@ -250,6 +355,16 @@ class C3PO(RoutingMethod):
                 )
         finally:
             self.rm.clear_mixing(self.layers)
+
+    def _new_tokens(self, prompt_len: int, generate_kwargs: dict[str, Any]) -> int:
+        """The most tokens ``generate`` will add (``max_new_tokens``, else ``max_length`` minus the prompt)."""
+        if generate_kwargs.get("max_new_tokens") is not None:
+            return int(generate_kwargs["max_new_tokens"])
+        config = generate_kwargs.get("generation_config") or self.rm.model.generation_config
+        if getattr(config, "max_new_tokens", None) is not None:
+            return int(config.max_new_tokens)
+        length = generate_kwargs.get("max_length") or getattr(config, "max_length", None) or prompt_len + 20
+        return max(int(length) - prompt_len, 0)
 
     def neighbour_losses(self, items: Sequence[Item], adaptation: Adaptation) -> torch.Tensor:
         """The kernel-weighted neighbour loss ``[B]`` of an adaptation (diagnostics)."""
@@ -350,12 +465,18 @@ def _relative_gain(result: SurrogateResult) -> torch.Tensor:
     return (before - after) / before.abs().clamp(min=1e-8)
 
 
-def _embedder_spec(index: ReferenceIndex) -> str | None:
+def _embedder_spec(index: ReferenceIndex) -> Any:
+    """The embedder to query ``index`` with when the caller passed none: the one given when the index was built or
+    loaded, or a built-in one (the model itself or model-free). Never a model named only by the index's file."""
+    if index.embedder is not None:
+        return index.embedder
     if index.embedder_name in ("hidden-mean", "routing-pathway") or index.embedder_name.startswith("lexical-"):
         return index.embedder_name
-    if index.embedder_name.startswith("sentence-transformers:"):
-        return index.embedder_name.split(":", 1)[1]
-    raise ReferenceIndexError(f"the index was built with {index.embedder_name}; pass the same embedder object")
+    name = index.embedder_name.split(":", 1)[1] if ":" in index.embedder_name else index.embedder_name
+    raise ReferenceIndexError(
+        f"the index was built with the external embedder {index.embedder_name}; reroute does not load a model named "
+        f"only by an index file: pass embedder={name!r} (or the embedder object) to confirm it"
+    )
 
 
 register_method("c3po", C3POConfig, C3PO)

@@ -32,11 +32,13 @@ def optimise_oracle(
     core_experts: int | float = 20,
     steps: int = 20,
     lr: float = 0.1,
+    recompute: str = "suffix",
 ) -> SurrogateResult:
     """Optimise each row's pathway on its own gold continuation (``gold``: one row per item, prompt + answer).
 
     ``loss_before``/``loss_after`` are the gold NLL under the base routing and under the returned pathway; the
-    start is the base routing itself, so the result is never worse on the gold NLL.
+    start is the base routing itself, so the result is never worse on the gold NLL. ``recompute``: what each step
+    recomputes (see :data:`reroute.c3po.surrogates.RECOMPUTE`).
     """
     if not isinstance(steps, int) or steps < 0:
         raise ValueError(f"steps must be a non-negative integer, got {steps!r}")
@@ -47,6 +49,6 @@ def optimise_oracle(
     own = own_pathway(base_scores(rm, gold, chosen), chosen, core_size(rm.num_experts, core_experts))
     weights = torch.ones(gold.input_ids.shape[0], 1)
     try:
-        return neighbourhood_gd(rm, own, gold, weights, gold.last_prompt_positions[:1], steps, lr)
+        return neighbourhood_gd(rm, own, gold, weights, gold.last_prompt_positions[:1], steps, lr, recompute=recompute)
     finally:
         rm.clear_mixing(chosen)

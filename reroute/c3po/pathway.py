@@ -8,12 +8,23 @@ default 20 of OLMoE's 64) are free variables. The weights are parametrised as mi
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 from reroute.attach import RoutedModel
+from reroute.routing.layer import Mixing
+
+_WARNED: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    """A ``UserWarning`` the first time ``message`` comes up in this process (C3PO objects are made per call)."""
+    if message not in _WARNED:
+        _WARNED.add(message)
+        warnings.warn(message, UserWarning, stacklevel=3)
 
 
 def critical_layers(rm: RoutedModel, spec: int | float | Sequence[int]) -> list[int]:
@@ -28,7 +39,9 @@ def critical_layers(rm: RoutedModel, spec: int | float | Sequence[int]) -> list[
     if isinstance(spec, int):
         if spec < 1:
             raise ValueError(f"critical layers: need at least one, got {spec}")
-        return layers[-spec:]  # a model with fewer MoE layers uses all of them
+        if spec > len(layers):  # a model with fewer MoE layers uses all of them
+            _warn_once(f"critical_layers={spec} exceeds the model's {len(layers)} MoE layers; using all of them")
+        return layers[-spec:]
     if isinstance(spec, float):
         if not 0.0 < spec <= 1.0:
             raise ValueError(f"critical layer fraction must be in (0, 1], got {spec}")
@@ -51,7 +64,9 @@ def core_size(num_experts: int, spec: int | float) -> int:
         return max(1, round(spec * num_experts))
     if spec < 1:
         raise ValueError(f"core experts: need at least one, got {spec}")
-    return min(int(spec), num_experts)  # a layer with fewer experts uses all of them
+    if spec > num_experts:  # a layer with fewer experts uses all of them
+        _warn_once(f"core_experts={spec} exceeds the model's {num_experts} experts per layer; using all of them")
+    return min(int(spec), num_experts)
 
 
 @dataclass
@@ -91,6 +106,30 @@ class Pathway:
             {k: v[rows] for k, v in self.experts.items()},
             {k: v[rows] for k, v in self.logits.items()},
         )
+
+    def to(self, device: torch.device | str) -> Pathway:
+        """The same pathway with every tensor on ``device``."""
+        return Pathway(
+            list(self.layers),
+            {k: v.to(device) for k, v in self.experts.items()},
+            {k: v.to(device) for k, v in self.logits.items()},
+        )
+
+    def to_layers(self, rm: RoutedModel) -> Pathway:
+        """The same pathway with each layer's tensors where that layer routes (a no-op where they are)."""
+        return Pathway(
+            list(self.layers),
+            {k: v.to(rm.layer(k).device) for k, v in self.experts.items()},
+            {k: v.to(rm.layer(k).device) for k, v in self.logits.items()},
+        )
+
+    def install(self, rm: RoutedModel, positions: torch.Tensor) -> None:
+        """Like :meth:`apply` without validation or copies, for optimisation loops: the tensors must already be
+        where each layer routes (:meth:`to_layers`), ``experts`` long ``[B, C]`` or ``[1, C]``, ``logits`` float of
+        the same shape, ``positions`` long ``[B, n]`` or ``[1, n]`` (no host sync, no graph break)."""
+        for layer in self.layers:
+            target = rm.layer(layer)
+            target.mixing = Mixing(self.experts[layer], self.logits[layer], positions.to(target.device))
 
     def apply(self, rm: RoutedModel, positions: torch.Tensor) -> None:
         """Install the re-mixing on ``rm`` at ``positions`` (``[B, n]`` absolute positions, or ``[1, n]``)."""

@@ -14,16 +14,23 @@ reference-index ids ``[B, k]`` with kernel weights ``[B, k]`` (rows summing to 1
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
 
 from reroute.attach import RoutedModel
+from reroute.c3po.config import RECOMPUTE
 from reroute.c3po.pathway import Pathway
-from reroute.frozen import frozen_weights
-from reroute.prefix import PrefixCache
+from reroute.frozen import frozen, frozen_weights
+from reroute.prefix import PrefixCache, SuffixScorer
 from reroute.scoring import ContinuationBatch, continuation_logprobs
+
+"""What an optimisation step recomputes: ``suffix`` only the re-mixed position(s) and the continuation through the
+critical layers (KV cache of the earlier positions, hidden states entering the first critical layer); ``layers``
+every position through the critical layers; ``full`` the whole forward. All three give the same losses up to float
+rounding; ``suffix`` costs least."""
 
 
 def kernel_weights(similarity: torch.Tensor, kind: str = "gaussian", bandwidth: float | None = None) -> torch.Tensor:
@@ -76,6 +83,25 @@ def core_average(
     return out
 
 
+def official_pathway(stored: torch.Tensor, similarity: torch.Tensor, layers: Sequence[int]) -> Pathway:
+    """The authors' released algorithm (tianyi-lab/C3PO @e4e064a, ``olmoe_optimizer.py``): per critical layer the
+    cosine-weighted average of the k neighbours' routing distributions over all experts,
+    ``p = sum_i cos_i p_i / sum_i cos_i``, renormalised — kernel regression with alpha = 0, no core restriction.
+
+    ``stored [B, k, Lc, E]`` the neighbours' stored scores in the critical layers; ``similarity [B, k]`` cosine
+    similarities. Returns a pathway whose core is every expert (re-mixing then moves the token's whole routing mass
+    to ``p`` and the family re-selects its top-k).
+    """
+    weights = similarity / similarity.sum(-1, keepdim=True)
+    experts, logits = {}, {}
+    for i, layer in enumerate(layers):
+        average = (weights[..., None] * stored[:, :, i]).sum(1)  # [B, E]
+        average = average / average.sum(-1, keepdim=True)
+        experts[layer] = torch.arange(stored.shape[-1]).expand(len(stored), -1).clone()
+        logits[layer] = average.clamp(min=1e-30).log()
+    return Pathway(list(layers), experts, logits)
+
+
 @dataclass
 class SurrogateResult:
     """Per item: the chosen pathway, the neighbours' loss before/after, and cost counters."""
@@ -89,16 +115,49 @@ class SurrogateResult:
 
 
 def neighbour_loss(
-    rm: RoutedModel, pathway: Pathway, neighbours: ContinuationBatch, weights: torch.Tensor, positions: torch.Tensor
+    rm: RoutedModel,
+    pathway: Pathway,
+    neighbours: ContinuationBatch,
+    weights: torch.Tensor,
+    positions: torch.Tensor,
+    scorer: Callable[[], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Kernel-weighted NLL of the neighbours' gold answers ``[B]`` with each item's pathway in their forward.
 
-    ``neighbours`` has ``B * k`` rows, item-major; the pathway's ``[B, C]`` state expands over them.
+    ``neighbours`` has ``B * k`` rows, item-major; the pathway's ``[B, C]`` state expands over them. ``scorer``
+    (e.g. a :func:`neighbour_scorer`) computes their continuation log-probabilities ``[B * k]``; by default one full
+    forward. Installs the pathway with the unchecked setter (its shapes are the caller's contract).
     """
-    pathway.apply(rm, positions)
+    pathway.install(rm, positions)
     with rm.row_expansion(weights.shape[-1]):  # each item's k neighbours: consecutive rows
-        nll = -continuation_logprobs(rm.model, neighbours)  # [B * k]
+        logprobs = scorer() if scorer is not None else continuation_logprobs(rm.model, neighbours)
+    nll = -logprobs  # [B * k]
     return (nll.view(weights.shape) * weights.to(nll.device)).sum(-1)
+
+
+@contextmanager
+def neighbour_scorer(
+    rm: RoutedModel, neighbours: ContinuationBatch, layers: Sequence[int], positions: torch.Tensor, recompute: str
+) -> Iterator[Callable[[], torch.Tensor]]:
+    """``with neighbour_scorer(...) as score:`` ``score()`` gives ``continuation_logprobs(rm.model, neighbours)``
+    ``[B * k]`` under the current routing, recomputing per call only what re-mixing ``layers`` at ``positions``
+    (``[R, n]`` absolute, ``-1`` pads) can change (see :data:`RECOMPUTE`). Model weights are frozen inside."""
+    if recompute not in RECOMPUTE:
+        raise ValueError(f"recompute must be one of {RECOMPUTE}, got {recompute!r}")
+    valid = positions[positions >= 0]
+    start = int(valid.min()) if valid.numel() else neighbours.prompt_len - 1
+    first_layer = min(layers)
+    with frozen_weights(rm.model), frozen(rm.offsets.parameters()):  # no gradient left on them
+        if recompute == "suffix" and 0 < start < neighbours.prompt_len:
+            with SuffixScorer(rm, neighbours, first_layer, start) as score:
+                yield score
+            return
+
+        def score() -> torch.Tensor:
+            return continuation_logprobs(rm.model, neighbours)
+
+        with PrefixCache(rm, first_layer if recompute == "layers" else 0, score):
+            yield score
 
 
 def mode_finding(
@@ -145,28 +204,33 @@ def kernel_regression(
     weights: torch.Tensor,
     positions: torch.Tensor,
     alphas: Sequence[float] = (0.0, 0.25, 0.5, 0.75, 1.0),
+    recompute: str = "suffix",
 ) -> SurrogateResult:
     """Blend ``alpha * own + (1 - alpha) * kernel average`` (probabilities over the core) with ``alpha`` chosen per
     item among ``alphas`` to minimise the neighbours' loss. ``alpha = 1`` is the base routing."""
     alphas = sorted(set(float(a) for a in alphas) | {1.0})
     losses, candidates = [], []
-    with torch.no_grad():
+    own = own.to_layers(rm)
+    positions = positions.to(rm.layer(own.layers[0]).device)
+    expansion = rm.row_expansion(weights.shape[-1])  # each item's k neighbours: consecutive rows
+    with torch.no_grad(), expansion, neighbour_scorer(rm, neighbours, own.layers, positions, recompute) as score:
         for alpha in alphas:
             logits = {}
             for layer in own.layers:
                 mix = alpha * own.omega(layer) + (1 - alpha) * target[layer].to(own.logits[layer].device)
                 logits[layer] = mix.clamp(min=1e-30).log()
             candidate = Pathway(list(own.layers), own.experts, logits)
-            losses.append(neighbour_loss(rm, candidate, neighbours, weights, positions).float().cpu())
+            losses.append(neighbour_loss(rm, candidate, neighbours, weights, positions, score).float())
             candidates.append(candidate)
-    table = torch.stack(losses, dim=1)  # [B, A]
+    table = torch.stack(losses, dim=1).cpu()  # [B, A]; one read-back after all candidates
     best = table.argmin(dim=1)
     chosen = {
-        layer: torch.stack([candidates[int(a)].logits[layer][b] for b, a in enumerate(best)]) for layer in own.layers
+        layer: torch.stack([candidates[int(a)].logits[layer][b] for b, a in enumerate(best)]).cpu()
+        for layer in own.layers
     }
     base_loss = table[:, alphas.index(1.0)]
     return SurrogateResult(
-        Pathway(list(own.layers), own.experts, chosen),
+        Pathway(list(own.layers), {k: v.cpu() for k, v in own.experts.items()}, chosen),
         base_loss,
         table.gather(1, best[:, None])[:, 0],
         forward_passes=len(alphas),
@@ -184,42 +248,48 @@ def neighbourhood_gd(
     steps: int = 10,
     lr: float = 0.1,
     reuse_prefix: bool = True,
+    recompute: str | None = None,
 ) -> SurrogateResult:
     """NGD: Adam on each item's mixing logits, minimising the kernel-weighted NLL of its neighbours' gold
     answers. Returns the iterate with the lowest neighbour loss per item (the start, i.e. base routing, included).
 
-    With ``reuse_prefix`` the layers below the first critical layer run once and are reused by every step.
+    ``recompute`` (default ``suffix``; ``full`` when ``reuse_prefix`` is False) says what each step recomputes, see
+    :data:`RECOMPUTE`. Pathway, optimiser and loss stay on the critical layers' device; the loop reads nothing back
+    to the host. Gradients are taken for the mixing logits only (``torch.autograd.grad``): no ``.grad`` is left on
+    the model's weights or the user's offsets.
     """
+    recompute = recompute or ("suffix" if reuse_prefix else "full")
+    own = own.to_layers(rm)
+    device = rm.layer(own.layers[0]).device
+    positions = positions.to(device)
+    weights = weights.to(device)
     params = {layer: own.logits[layer].detach().clone().requires_grad_() for layer in own.layers}
     working = Pathway(list(own.layers), own.experts, params)
     optimizer = torch.optim.Adam(list(params.values()), lr=lr)
     best = own.detached()
-    best_loss = torch.full((weights.shape[0],), float("inf"))
-    first = None
+    best_loss = first = None
     forwards = backwards = 0
-
-    def run() -> None:
-        with rm.row_expansion(weights.shape[-1]):
-            continuation_logprobs(rm.model, neighbours)
-
-    first_layer = min(own.layers) if reuse_prefix else 0
-    with frozen_weights(rm.model), PrefixCache(rm, first_layer, run):
+    expansion = rm.row_expansion(weights.shape[-1])  # each item's k neighbours: consecutive rows
+    with expansion, neighbour_scorer(rm, neighbours, own.layers, positions, recompute) as score:
         for step in range(steps + 1):
             with torch.set_grad_enabled(step < steps):
-                loss = neighbour_loss(rm, working, neighbours, weights, positions)
+                loss = neighbour_loss(rm, working, neighbours, weights, positions, score)
             forwards += 1
-            current = loss.detach().float().cpu()
+            current = loss.detach().float()  # on the device of the model's head
             if first is None:
-                first = current.clone()
+                first = best_loss = current.clone()
             improved = current < best_loss
             best_loss = torch.where(improved, current, best_loss)
             for layer in own.layers:
-                rows = improved.to(params[layer].device)
-                best.logits[layer][rows] = params[layer].detach()[rows]
+                rows = improved.to(params[layer].device)[:, None]
+                best.logits[layer] = torch.where(rows, params[layer].detach(), best.logits[layer])
             if step == steps:
                 break
-            optimizer.zero_grad(set_to_none=True)
-            loss.sum().backward()
+            grads = torch.autograd.grad(loss.sum(), list(params.values()))
+            for param, grad in zip(params.values(), grads):
+                param.grad = grad
             backwards += 1
             optimizer.step()
-    return SurrogateResult(best, first, best_loss, forward_passes=forwards, backward_passes=backwards)
+    return SurrogateResult(
+        best.to("cpu"), first.cpu(), best_loss.cpu(), forward_passes=forwards, backward_passes=backwards
+    )
