@@ -63,7 +63,7 @@ class TileConfig:
 
 
 # Decode: few rows per expert, weight streaming; prefill: larger row blocks for tensor-core reuse. Chosen by
-# `kernels/bench.py --tune` on an H100 (OLMoE, Mixtral and Qwen3 shapes; see kernels/README.md).
+# `benchmarks/kernels/bench.py --tune` on an H100 (OLMoE, Mixtral and Qwen3 shapes; see kernels/README.md).
 SMALL = TileConfig(block_m=16, gate_up_n=64, gate_up_k=256, down_n=64, down_k=256, warps=4, stages=3)
 LARGE = TileConfig(block_m=128, gate_up_n=128, gate_up_k=64, down_n=128, down_k=64, warps=8, stages=3)
 
