@@ -38,6 +38,7 @@ from torch._dynamo.utils import counters
 from transformers import CompileConfig
 
 import reroute
+from reroute.compat import set_experts_implementation
 
 SHAPES: dict[str, tuple[str, dict[str, Any]]] = {
     "tiny": (
@@ -87,7 +88,7 @@ def set_experts(model: transformers.PreTrainedModel, implementation: str) -> Non
     for module in model.modules():
         config = getattr(module, "config", None)
         if config is not None and hasattr(config, "_experts_implementation_internal"):
-            config._experts_implementation_internal = implementation
+            set_experts_implementation(config, implementation)
 
 
 def hbm_bytes_per_step(model: transformers.PreTrainedModel, batch: int, context: int) -> float:

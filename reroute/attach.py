@@ -23,6 +23,7 @@ from torch import nn
 
 from reroute import pretrained
 from reroute.arch import FamilyAdapter, UnsupportedModelError, family_for
+from reroute.compat import find_cache
 from reroute.kernels import experts as kernel_experts
 from reroute.routing.layer import LayerRouting, Mixing, RoutingContext, execution_device
 from reroute.routing.policy import ExpertMask, RoutingPolicy, as_integer, check_routing
@@ -293,7 +294,7 @@ class RoutedModel:
             ctx.batch_size = ctx.seq_len = None
         ctx.past_length = 0
         if any(layer.mixing is not None for layer in self.layers.values()):
-            cache = kwargs.get("cache", kwargs.get("past_key_values"))
+            cache = find_cache(kwargs)
             if cache is not None and hasattr(cache, "get_seq_length"):
                 past = cache.get_seq_length()
                 # a static cache counts on the device: keep a copy, without a host sync (the cache advances its

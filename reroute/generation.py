@@ -38,7 +38,6 @@ beam search only in the model's own ``generate()``.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import inspect
 import os
 import warnings
@@ -49,7 +48,9 @@ import transformers.generation.utils
 from transformers import DynamicCache, GenerationConfig
 from transformers.generation.logits_process import LogitsProcessorList
 from transformers.generation.stopping_criteria import StoppingCriteriaList
-from transformers.generation.utils import ALL_CACHE_NAMES, GenerateDecoderOnlyOutput
+from transformers.generation.utils import GenerateDecoderOnlyOutput
+
+from reroute.compat import CACHE_NAMES, OUTPUT_CACHE_FIELD, find_cache
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -57,9 +58,6 @@ if TYPE_CHECKING:
 
 STREAMER_KWARG = "token_streamer"
 """Name under which ``custom_generate`` methods of this package take a streamer (``generate()`` keeps its own)."""
-
-# The output field holding the cache: ``past_key_values`` in transformers 5.17, ``cache`` in 5.24.
-_OUTPUT_CACHE_FIELD = next(f.name for f in dataclasses.fields(GenerateDecoderOnlyOutput) if f.name in ALL_CACHE_NAMES)
 
 
 class NextTokenScorer(Protocol):
@@ -101,7 +99,7 @@ class ModelStream:
     @property
     def cache(self) -> Any:
         """The stream's KV cache (``None`` without one)."""
-        return next((self.model_kwargs[k] for k in ALL_CACHE_NAMES if self.model_kwargs.get(k) is not None), None)
+        return find_cache(self.model_kwargs)
 
     def _require_fresh(self, what: str) -> None:
         cache = self.cache
@@ -112,7 +110,7 @@ class ModelStream:
         """A second stream over the same rows with its own empty cache of the same kind (before the prefill)."""
         self._require_fresh("fork")
         kwargs = dict(self.model_kwargs)
-        for key in ALL_CACHE_NAMES:
+        for key in CACHE_NAMES:
             if kwargs.get(key) is not None:
                 kwargs[key] = copy.deepcopy(kwargs[key])
         return ModelStream(self.model, self.generation_config, kwargs)
@@ -168,7 +166,7 @@ class ModelStream:
         again. A static cache is emptied in place (same tensors: a captured CUDA graph stays valid); any other
         cache is replaced by a new dynamic one."""
         kwargs = dict(self.model_kwargs)
-        for key in ALL_CACHE_NAMES:
+        for key in CACHE_NAMES:
             cache = kwargs.get(key)
             if cache is None:
                 continue
@@ -326,7 +324,7 @@ def decode(
     if not return_dict:
         return input_ids
     return GenerateDecoderOnlyOutput(
-        sequences=input_ids, scores=scores, logits=raw_logits, **{_OUTPUT_CACHE_FIELD: scorer.cache}
+        sequences=input_ids, scores=scores, logits=raw_logits, **{OUTPUT_CACHE_FIELD: scorer.cache}
     )
 
 

@@ -18,13 +18,10 @@ from typing import Any
 import torch
 from torch import nn
 from transformers import DynamicCache
-from transformers.generation.utils import ALL_CACHE_NAMES
 
 from reroute.attach import RoutedModel
+from reroute.compat import CACHE_KWARG
 from reroute.scoring import ContinuationBatch
-
-CACHE_KWARG = ALL_CACHE_NAMES[0]
-"""The model-call keyword of the KV cache: ``cache`` from transformers 5.24, ``past_key_values`` before (5.17)."""
 
 
 class _PassThrough(nn.Module):

@@ -12,6 +12,7 @@ LAYERS_BELOW_METHODS = {
     "reroute.arch.families",
     "reroute.arch.rules",
     "reroute.attach",
+    "reroute.compat",
     "reroute.kernels",
     "reroute.kernels.experts",
     "reroute.pretrained",

@@ -101,6 +101,7 @@ def bench_layer(name: str, tokens_list: tuple[int, ...], peak: float | None, log
     from transformers import OlmoeConfig
     from transformers.models.olmoe.modeling_olmoe import OlmoeExperts
 
+    from reroute.compat import set_experts_implementation
     from reroute.kernels import experts as bridge
     from reroute.kernels import moe
 
@@ -130,7 +131,7 @@ def bench_layer(name: str, tokens_list: tuple[int, ...], peak: float | None, log
                 row[f"{key}_us"] = None
                 row[f"{key}_note"] = f"skipped: copies {tokens * k * expert_bytes / 2**30:.0f} GiB of weights"
                 continue
-            config._experts_implementation_internal = impl
+            set_experts_implementation(config, impl)
             with torch.no_grad():
                 row[f"{key}_us"] = time_us(functools.partial(module, x, ids, w))
                 if impl != "eager":  # eager syncs on the host (nonzero), so it cannot be captured
@@ -150,7 +151,7 @@ def bench_layer(name: str, tokens_list: tuple[int, ...], peak: float | None, log
             row["dual_us"] = time_us(
                 functools.partial(moe.moe_experts_dual, x, (ids, w), weak, module.gate_up_proj, module.down_proj)
             )
-            config._experts_implementation_internal = bridge.NAME
+            set_experts_implementation(config, bridge.NAME)
             dual_rotation = [(r, (r[0][:, 1:2].contiguous(), weak[1])) for r in rotation]
             dual = functools.partial(moe.moe_experts_dual, gate_up=module.gate_up_proj, down=module.down_proj)
             row["dual_graph_us"] = graph_us(dual, x, dual_rotation)
@@ -159,7 +160,7 @@ def bench_layer(name: str, tokens_list: tuple[int, ...], peak: float | None, log
         # forward + backward (hidden states and routing weights; expert weights frozen)
         grad = torch.randn_like(x)
         for impl, key in (("grouped_mm", "grouped_mm_fwd_bwd_us"), (bridge.NAME, "ours_fwd_bwd_us")):
-            config._experts_implementation_internal = impl
+            set_experts_implementation(config, impl)
             xg, wg = x.clone().requires_grad_(), w.clone().requires_grad_()
 
             def step(xg=xg, wg=wg, ids=ids, grad=grad):

@@ -273,9 +273,7 @@ class C3PO(RoutingMethod):
         return abstain
 
     # --------------------------------------------------------------------------------------------- apply
-    def apply(
-        self, adaptation: Adaptation, prompt_len: int, rows_per_item: int = 1, total_len: int | None = None
-    ) -> None:
+    def apply(self, adaptation: Adaptation, prompt_len: int, total_len: int | None = None) -> None:
         """Install the adapted routing for a batch whose prompts end at column ``prompt_len - 1`` (abstaining
         items get no re-mixing at all, so they route exactly as the base model).
 

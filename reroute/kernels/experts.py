@@ -20,6 +20,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from reroute.compat import set_experts_implementation
 from reroute.kernels import available
 
 NAME = "reroute_triton"
@@ -213,13 +214,13 @@ def enable(model: nn.Module) -> list[tuple[object, str | None]]:
         config = module.config
         if id(config) not in saved:
             saved[id(config)] = (config, config._experts_implementation)
-            config._experts_implementation_internal = NAME
+            set_experts_implementation(config, NAME)
     return list(saved.values())
 
 
 def restore(saved: list[tuple[object, str | None]]) -> None:
     for config, implementation in saved:
-        config._experts_implementation_internal = implementation
+        set_experts_implementation(config, implementation)
 
 
 def should_enable(model: nn.Module, mode: bool | str) -> bool:

@@ -22,6 +22,7 @@ if interpreted() or not available("cuda"):
     pytest.skip("Triton kernels unavailable on CUDA here (TRITON_INTERPRET set?)", allow_module_level=True)
 
 import reroute  # noqa: E402
+from reroute.compat import set_experts_implementation  # noqa: E402
 from reroute.kernels import experts, moe  # noqa: E402
 from reroute.testing import tiny_model  # noqa: E402
 
@@ -170,7 +171,7 @@ def test_matches_transformers_grouped_mm_on_an_olmoe_experts_module() -> None:
     experts.register()
     outs = {}
     for impl in ("grouped_mm", experts.NAME):
-        config._experts_implementation_internal = impl
+        set_experts_implementation(config, impl)
         with torch.no_grad():
             outs[impl] = module(x, ids, w)
     assert rel(outs[experts.NAME], outs["grouped_mm"]) < FORWARD_TOL[torch.bfloat16]
