@@ -61,3 +61,14 @@ class Collect(BaseStreamer):
 
     def end(self) -> None:
         self.ended += 1
+
+
+def random_mc_items(n: int, seed: int, length: int) -> list[dict]:
+    """``n`` multiple-choice items over the tiny vocabulary: a prompt of ``length`` words, four one-word choices."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        words = [f"w{int(t)}" for t in torch.randint(3, 96, (length,), generator=gen)]
+        choices = [f" w{int(t)}" for t in torch.randperm(90, generator=gen)[:4] + 3]
+        out.append({"prompt": " ".join(words), "choices": choices, "label": i % 4})
+    return out

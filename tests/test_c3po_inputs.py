@@ -7,6 +7,7 @@ import warnings
 
 import pytest
 import torch
+from conftest import random_mc_items
 
 import reroute
 from reroute.c3po import C3PO, ReferenceIndex, ReferenceIndexError
@@ -19,13 +20,7 @@ from reroute.testing import tiny_model, tiny_tokenizer
 
 
 def _items(n: int, seed: int, length: int = 6) -> list[dict]:
-    gen = torch.Generator().manual_seed(seed)
-    out = []
-    for i in range(n):
-        words = [f"w{int(t)}" for t in torch.randint(3, 96, (length,), generator=gen)]
-        choices = [f" w{int(t)}" for t in torch.randperm(90, generator=gen)[:4] + 3]
-        out.append({"prompt": " ".join(words), "choices": choices, "label": i % 4})
-    return out
+    return random_mc_items(n, seed, length)
 
 
 @pytest.fixture(scope="module")
