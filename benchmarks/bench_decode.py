@@ -321,7 +321,6 @@ def main() -> None:
         limit = hbm_bytes_per_step(model, batch, args.prompt_tokens + args.new_tokens // 2)
         bandwidth = peak_bandwidth(gpu)
         limit_tok_s = batch * bandwidth / limit if bandwidth else None
-        reference = None
         for name in runs:
             if name in errors:
                 row = {"batch": batch, "variant": name, "error": errors[name]}

@@ -38,7 +38,7 @@ from torch import nn
 
 from reroute.arch.rules import DeepseekV2Softmax, RoutingRule, SigmoidGroupLimited, SoftmaxTopK, TopKSoftmax
 from reroute.kernels import interpreted
-from reroute.routing.policy import MASK_BANNED, MASK_FORCED, ExpertMask, RoutingPolicy
+from reroute.routing.policy import ExpertMask, RoutingPolicy, mask_codes
 
 MAX_EXPERTS = 256
 """Largest expert count one program holds in registers."""
@@ -437,10 +437,7 @@ def _mask_codes(mask: ExpertMask, num_experts: int, device: torch.device) -> tor
     key = (mask.banned, mask.forced, num_experts, device)
     codes = _MASK_CODES.get(key)
     if codes is None:
-        codes = torch.zeros(num_experts, dtype=torch.int8)
-        codes[list(mask.banned)] = MASK_BANNED
-        codes[list(mask.forced)] = MASK_FORCED
-        codes = _MASK_CODES[key] = codes.to(device)
+        codes = _MASK_CODES[key] = mask_codes(mask, num_experts).to(device)
     return codes
 
 

@@ -573,12 +573,8 @@ class RoutedModel:
     def trace(self, detach: bool = True, device: str | torch.device | None = None) -> Iterator[Trace]:
         """Record routing while the block runs (see :class:`reroute.routing.trace.Trace`)."""
         self._check_attached()
-        recorder = Trace(self.layers, detach=detach, device=device)
-        self.context.traces.append(recorder)
-        try:
+        with self._recording(Trace(self.layers, detach=detach, device=device)) as recorder:
             yield recorder
-        finally:
-            self.context.traces.remove(recorder)
 
     @contextlib.contextmanager
     def record(self) -> Iterator[Routes]:
@@ -587,12 +583,19 @@ class RoutedModel:
         ``routes.save(dir)`` (see :mod:`reroute.routing.replay`)."""
         self._check_attached()
         layers = self.layers.values()
-        routes = Routes(self.moe_layers, [layer.num_experts for layer in layers], self.fingerprint())
-        self.context.traces.append(routes)
-        try:
+        with self._recording(
+            Routes(self.moe_layers, [layer.num_experts for layer in layers], self.fingerprint())
+        ) as routes:
             yield routes
+
+    @contextlib.contextmanager
+    def _recording(self, recorder: Trace | Routes) -> Iterator[Trace | Routes]:
+        """Every router call inside the block hands its routing to ``recorder.record``."""
+        self.context.traces.append(recorder)
+        try:
+            yield recorder
         finally:
-            self.context.traces.remove(routes)
+            self.context.traces.remove(recorder)
 
     @contextlib.contextmanager
     def replay(self, routes: Routes | str | Path) -> Iterator[dict[int, LayerReplay]]:

@@ -152,10 +152,7 @@ class RerouteConfig:
             raise FileNotFoundError(f"{directory} is not a folder")
         if not path.is_file():
             raise FileNotFoundError(f"{directory} holds no saved reroute state ({CONFIG_NAME} is missing)")
-        try:
-            record = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ValueError(f"{path} is not valid JSON: {exc}") from exc
+        record = _read_json(path)
         if not isinstance(record, dict) or record.get("format") != FORMAT:
             raise ValueError(f"{path} is not a reroute config (its 'format' is not {FORMAT!r})")
         version = record.get("format_version")
@@ -285,15 +282,20 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
         raise ValueError(f"{path} is not a readable safetensors file: {exc}") from exc
 
 
+def _read_json(path: Path) -> Any:
+    """The JSON in ``path``; a clear error when it is not JSON."""
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path} is not valid JSON: {exc}") from exc
+
+
 def convert_legacy(directory: str | Path) -> tuple[RerouteConfig, dict[str, torch.Tensor]]:
     """Read a folder written by the older ``rm.save`` (``routing_config.json`` + ``routing_state.safetensors``:
     offsets, layer policies and masks) as this format's config and tensors. The one converter between the two."""
     directory = Path(directory)
     path = directory / LEGACY_CONFIG_NAME
-    try:
-        record = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{path} is not valid JSON: {exc}") from exc
+    record = _read_json(path)
     if not isinstance(record, dict) or record.get("format") != LEGACY_FORMAT:
         raise ValueError(f"{path} is not a reroute routing state (its 'format' is not {LEGACY_FORMAT!r})")
     if not isinstance(record.get("version"), int) or record["version"] > 1:

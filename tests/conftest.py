@@ -72,3 +72,14 @@ def random_mc_items(n: int, seed: int, length: int) -> list[dict]:
         choices = [f" w{int(t)}" for t in torch.randperm(90, generator=gen)[:4] + 3]
         out.append({"prompt": " ".join(words), "choices": choices, "label": i % 4})
     return out
+
+
+@pytest.fixture
+def fresh_dynamo():
+    """A test that counts compiled graphs starts and ends with dynamo's caches and counters empty."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    yield
+    torch._dynamo.reset()

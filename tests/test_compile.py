@@ -17,13 +17,7 @@ import reroute
 from reroute import ExpertMask, RoutingPolicy
 from reroute.testing import tiny_model
 
-
-@pytest.fixture(autouse=True)
-def fresh_dynamo():
-    torch._dynamo.reset()
-    counters.clear()
-    yield
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")
 
 
 def graphs() -> int:

@@ -91,12 +91,18 @@ def test_dict_output_scores_logits_and_cache(padded):
 
 
 def test_streamer_gets_prompt_tokens_and_end_through_token_streamer():
+    _streams_like_generate("token_streamer")
+
+
+def _streams_like_generate(keyword: str) -> None:
+    """A custom method built on :func:`decode`, given a streamer as ``keyword``, generates and streams exactly what
+    ``generate(streamer=...)`` does: the prompt, each of the 4 tokens, one end."""
     model = tiny_model("olmoe")
     ids = torch.randint(3, 96, (1, 5), generator=torch.Generator().manual_seed(2))
     theirs, ours = Collect(), Collect()
     kwargs = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False)  # EOS suppressed: exactly 4 tokens
     expected = model.generate(ids, streamer=theirs, **kwargs)
-    actual = model.generate(ids, custom_generate=plain, token_streamer=ours, **kwargs)
+    actual = model.generate(ids, custom_generate=plain, **{keyword: ours}, **kwargs)
     assert torch.equal(actual, expected)
     assert len(ours.puts) == len(theirs.puts) == 5 and ours.ended == theirs.ended == 1
     for a, b in zip(ours.puts, theirs.puts):
@@ -123,18 +129,12 @@ def test_generate_does_not_pass_its_streamer_to_a_callable():
 def test_streamer_given_to_generate_streams_through_a_custom_method():
     """``generate(streamer=s, custom_generate=fn)`` with ``fn`` built on :func:`decode`: the same puts and one end as
     ``generate(streamer=s)`` alone; two different streamers are an error."""
-    model = tiny_model("olmoe")
-    ids = torch.randint(3, 96, (1, 5), generator=torch.Generator().manual_seed(2))
-    theirs, ours = Collect(), Collect()
-    kwargs = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False)
-    expected = model.generate(ids, streamer=theirs, **kwargs)
-    actual = model.generate(ids, custom_generate=plain, streamer=ours, **kwargs)
-    assert torch.equal(actual, expected)
-    assert len(ours.puts) == len(theirs.puts) == 5 and ours.ended == theirs.ended == 1
-    for a, b in zip(ours.puts, theirs.puts):
-        assert torch.equal(a, b)
+    _streams_like_generate("streamer")
+    model, ids = tiny_model("olmoe"), torch.randint(3, 96, (1, 5))
     with pytest.raises(ValueError, match="pass one streamer"):
-        model.generate(ids, custom_generate=plain, streamer=Collect(), token_streamer=Collect(), **kwargs)
+        model.generate(
+            ids, custom_generate=plain, streamer=Collect(), token_streamer=Collect(), max_new_tokens=4, do_sample=False
+        )
 
 
 def test_methods_take_streamer_or_token_streamer():

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from reroute.routing.policy import MASK_BANNED, MASK_FORCED, ExpertMask, RoutingPolicy
+from reroute.routing.policy import MASK_BANNED, MASK_FORCED, ExpertMask, RoutingPolicy, mask_codes, pad_slots
 
 if TYPE_CHECKING:
     from reroute.routing.layer import LayerRouting
@@ -69,12 +69,8 @@ class GraphState:
             self._mark_static()
 
     def write_mask(self, mask: ExpertMask | None) -> None:
-        codes = torch.zeros(self.num_experts, dtype=torch.int8)
-        if mask is not None:
-            codes[list(mask.banned)] = MASK_BANNED
-            codes[list(mask.forced)] = MASK_FORCED
         with torch.no_grad():
-            self.mask_codes.copy_(codes)
+            self.mask_codes.copy_(mask_codes(mask, self.num_experts))
 
     def write_policy(self, policy: RoutingPolicy | None, top_k: int) -> None:
         if policy is None:
@@ -87,16 +83,6 @@ class GraphState:
         with torch.no_grad():
             self.policy_ints.copy_(torch.tensor(values, dtype=torch.long))
             self.policy_top_p.fill_(float(top_p))
-
-
-def _pad(weights: torch.Tensor, indices: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
-    extra = width - weights.shape[1]
-    if extra == 0:
-        return weights, indices
-    return (
-        torch.cat([weights, weights.new_zeros(weights.shape[0], extra)], 1),
-        torch.cat([indices, indices[:, :1].expand(-1, extra)], 1),
-    )
 
 
 def route(
@@ -169,7 +155,7 @@ def route(
         generic = torch.ones_like(on)
     elif mixed is not None:
         generic = on | mixed
-    weights, indices = _pad(weights, indices, width)
+    weights, indices = pad_slots(weights, indices, width)
     weights = torch.where(generic[:, None], generic_w.to(weights.dtype), weights)
     indices = torch.where(generic[:, None], selected.to(indices.dtype), indices)
     if (

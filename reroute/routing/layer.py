@@ -26,7 +26,7 @@ from torch import nn
 from reroute.arch import FamilyAdapter
 from reroute.routing import graph
 from reroute.routing.graph import GraphState
-from reroute.routing.policy import ExpertMask, RoutingPolicy, select
+from reroute.routing.policy import ExpertMask, RoutingPolicy, pad_slots, select
 
 if TYPE_CHECKING:
     from reroute.routing.replay import LayerReplay, Routes
@@ -419,15 +419,6 @@ def _merge(
     if use is None:
         return new_w, new_i
     width = max(new_w.shape[1], old_w.shape[1])
-    new_w, new_i = _pad(new_w, new_i, width)
-    old_w, old_i = _pad(old_w, old_i, width)
+    new_w, new_i = pad_slots(new_w, new_i, width)
+    old_w, old_i = pad_slots(old_w, old_i, width)
     return torch.where(use[:, None], new_w, old_w), torch.where(use[:, None], new_i, old_i)
-
-
-def _pad(weights: torch.Tensor, indices: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pad to ``width`` slots with zero-weight copies of the first expert (a no-op for every experts backend)."""
-    extra = width - weights.shape[1]
-    if extra == 0:
-        return weights, indices
-    pad_i = indices[:, :1].expand(-1, extra)
-    return torch.cat([weights, weights.new_zeros(weights.shape[0], extra)], 1), torch.cat([indices, pad_i], 1)

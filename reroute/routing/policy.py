@@ -226,6 +226,26 @@ def check_routing(
             )
 
 
+def mask_codes(mask: ExpertMask | None, num_experts: int) -> torch.Tensor:
+    """int8 ``[E]`` on the CPU: 0 free, :data:`MASK_BANNED`, :data:`MASK_FORCED` (what the routing kernel and the
+    compiled path read instead of the mask's Python tuples)."""
+    codes = torch.zeros(num_experts, dtype=torch.int8)
+    if mask is not None:
+        codes[list(mask.banned)] = MASK_BANNED
+        codes[list(mask.forced)] = MASK_FORCED
+    return codes
+
+
+def pad_slots(weights: torch.Tensor, indices: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad ``[T, w]`` to ``width`` slots with zero-weight copies of the first expert (a no-op for every experts
+    backend)."""
+    extra = width - weights.shape[1]
+    if extra == 0:
+        return weights, indices
+    pad_i = indices[:, :1].expand(-1, extra)
+    return torch.cat([weights, weights.new_zeros(weights.shape[0], extra)], 1), torch.cat([indices, pad_i], 1)
+
+
 def apply_mask(choice: torch.Tensor, mask: ExpertMask | None) -> torch.Tensor:
     """Ban (``-inf``) and force (``+inf``) experts in a choice ranking ``[T, E]``."""
     if mask is None or not (mask.banned or mask.forced):

@@ -19,6 +19,7 @@ from reroute.testing import tiny_model
 if not torch.cuda.is_available():
     pytest.skip("needs CUDA", allow_module_level=True)
 pytest.importorskip("triton")
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")
 
 RULE_FAMILIES = ["olmoe", "mixtral", "qwen3_moe", "deepseek_v2", "deepseek_v3", "glm4_moe"]
 # relative error ||compiled - eager|| / ||eager|| of the logits; fused Inductor arithmetic rounds differently
@@ -29,14 +30,6 @@ def rel(out: torch.Tensor, ref: torch.Tensor) -> float:
     out, ref = out.float(), ref.float()
     assert torch.isfinite(out).all()
     return float((out - ref).norm() / ref.norm())
-
-
-@pytest.fixture(autouse=True)
-def fresh_dynamo():
-    torch._dynamo.reset()
-    counters.clear()
-    yield
-    torch._dynamo.reset()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
