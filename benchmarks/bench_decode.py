@@ -6,7 +6,8 @@ Random-weight models of a real shape (``--shape``): OLMoE-1B-7B or Qwen3-30B-A3B
 layers where memory or compile time forces it; the JSON says so). Per batch size, each variant generates exactly
 ``--new-tokens`` tokens after a ``--prompt-tokens`` prompt (greedy, EOS suppressed); the figure is
 ``batch * new_tokens / wall time`` of the whole ``generate()`` call (prefill included), median of ``--repeats`` runs
-after a warm-up run (which compiles). Variants run interleaved, round by round.
+after a warm-up run (which compiles). Variants run interleaved, round by round, plain transformers' first, then
+the attached ones (one attach for all of them).
 
 Also reported: the HBM limit of the shape (bytes a decode step must read — every non-expert weight, the expected
 number of distinct experts per layer at this batch under uniform routing, the KV cache — over the card's peak
@@ -250,48 +251,36 @@ def main() -> None:
             runs = {name: fn for name, fn in runs.items() if name in args.variants}
         times: dict[str, list[float]] = {name: [] for name in runs}
         errors: dict[str, str] = {}
-        for round_idx in range(args.repeats + 1):
-            for name, fn in runs.items():
-                if name in errors:
-                    continue
-                if cuda:
-                    torch.cuda.synchronize()
-                start = time.perf_counter()
-                try:
-                    with torch.no_grad():
-                        fn()
-                except torch.OutOfMemoryError as exc:
-                    errors[name] = f"out of memory: {str(exc).splitlines()[0]}"
-                    torch.cuda.empty_cache()
-                    continue
-                if cuda:
-                    torch.cuda.synchronize()
-                elapsed = time.perf_counter() - start
-                if round_idx == 0:
-                    print(f"batch {batch} {name}: warm-up {elapsed:.1f} s", flush=True)
-                    results.setdefault("warmup_seconds", {}).setdefault(str(batch), {})[name] = elapsed
-                else:
-                    times[name].append(elapsed)
-                    print(f"batch {batch} {name}: {batch * args.new_tokens / elapsed:.1f} tok/s", flush=True)
-                    # kept as they come, so that a run cut short by a time limit still reports what it measured
-                    results.setdefault("seconds", {}).setdefault(str(batch), {})[name] = list(times[name])
-                write()
-
-        if args.profile:
-            with open(args.profile, "a") as handle:
-                for name, fn in runs.items():
-                    if name in errors or (args.profile_variants and name not in args.profile_variants):
-                        continue
-                    activity = torch.profiler.ProfilerActivity.CUDA if cuda else torch.profiler.ProfilerActivity.CPU
-                    with torch.profiler.profile(activities=[activity]) as prof:
-                        with torch.no_grad():
-                            fn()
-                        if cuda:
-                            torch.cuda.synchronize()
-                    table = prof.key_averages().table(
-                        sort_by="self_device_time_total" if cuda else "self_cpu_time_total", row_limit=12
-                    )
-                    handle.write(f"=== batch {batch} {name}\n{table}\n")
+        # plain transformers first, then the attached variants: attaching anew makes new state buffers, which the
+        # compiled graphs guard on, so interleaving the two groups would time a recompilation in every round
+        groups = [[name for name in runs if name.startswith("hf_")], [name for name in runs if not name.startswith("hf_")]]
+        order = [(round_idx, name) for group in groups for round_idx in range(args.repeats + 1) for name in group]
+        for round_idx, name in order:
+            fn = runs[name]
+            if name in errors:
+                continue
+            if cuda:
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            try:
+                with torch.no_grad():
+                    fn()
+            except torch.OutOfMemoryError as exc:
+                errors[name] = f"out of memory: {str(exc).splitlines()[0]}"
+                torch.cuda.empty_cache()
+                continue
+            if cuda:
+                torch.cuda.synchronize()
+            elapsed = time.perf_counter() - start
+            if round_idx == 0:
+                print(f"batch {batch} {name}: warm-up {elapsed:.1f} s", flush=True)
+                results.setdefault("warmup_seconds", {}).setdefault(str(batch), {})[name] = elapsed
+            else:
+                times[name].append(elapsed)
+                print(f"batch {batch} {name}: {batch * args.new_tokens / elapsed:.1f} tok/s", flush=True)
+                # kept as they come, so that a run cut short by a time limit still reports what it measured
+                results.setdefault("seconds", {}).setdefault(str(batch), {})[name] = list(times[name])
+            write()
 
         # recompilations across routing-state changes of the compiled attached model, after its warm-up above
         rm = attached()
@@ -317,6 +306,24 @@ def main() -> None:
         rm.reset()
         after = dict(counters["stats"])
         recompiles = after.get("unique_graphs", 0) - before.get("unique_graphs", 0)
+
+        if args.profile:
+            with open(args.profile, "a") as handle:
+                # the attached variants first: they are attached now, with their graphs warm
+                for name in groups[1] + groups[0]:
+                    fn = runs[name]
+                    if name in errors or (args.profile_variants and name not in args.profile_variants):
+                        continue
+                    activity = torch.profiler.ProfilerActivity.CUDA if cuda else torch.profiler.ProfilerActivity.CPU
+                    with torch.profiler.profile(activities=[activity]) as prof:
+                        with torch.no_grad():
+                            fn()
+                        if cuda:
+                            torch.cuda.synchronize()
+                    table = prof.key_averages().table(
+                        sort_by="self_device_time_total" if cuda else "self_cpu_time_total", row_limit=12
+                    )
+                    handle.write(f"=== batch {batch} {name}\n{table}\n")
 
         limit = hbm_bytes_per_step(model, batch, args.prompt_tokens + args.new_tokens // 2)
         bandwidth = peak_bandwidth(gpu)
