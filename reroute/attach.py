@@ -25,6 +25,7 @@ from reroute import pretrained
 from reroute.arch import FamilyAdapter, UnsupportedModelError, family_for
 from reroute.compat import find_cache
 from reroute.kernels import experts as kernel_experts
+from reroute.routing.checks import check_tensor
 from reroute.routing.layer import LayerRouting, Mixing, RoutingContext, execution_device
 from reroute.routing.policy import ExpertMask, RoutingPolicy, as_integer, check_routing
 from reroute.routing.replay import LayerReplay, Routes
@@ -72,27 +73,6 @@ def _output_order(router: nn.Module) -> tuple[int, int, int]:
     order[logits_pos], order[weights_pos], order[index_pos] = 0, 1, 2
     # order[j] = which of (logits, weights, indices) goes to output slot j
     return tuple(order)  # type: ignore[return-value]
-
-
-def _check_tensor(
-    value: torch.Tensor, shape: tuple[int, ...], device: torch.device, what: str, allow_rows: bool = False
-) -> None:
-    if not isinstance(value, torch.Tensor):
-        raise TypeError(f"{what} must be a torch.Tensor, got {type(value).__name__}")
-    if not value.is_floating_point():
-        raise TypeError(f"{what} must be a floating-point tensor, got {value.dtype}")
-    expected = tuple(shape)
-    if allow_rows:
-        ok = value.dim() == len(shape) and tuple(value.shape[1:]) == expected[1:] and value.shape[0] >= 1
-    else:
-        ok = tuple(value.shape) == expected
-    if not ok:
-        want = "[rows, " + ", ".join(map(str, expected[1:])) + "]" if allow_rows else str(list(expected))
-        raise ValueError(f"{what} must have shape {want}, got {list(value.shape)}")
-    if value.device != device:
-        raise ValueError(f"{what} is on {value.device} but the layer is on {device}")
-    if not torch.isfinite(value).all():
-        raise ValueError(f"{what} contains NaN or inf")
 
 
 class RoutedModel:
@@ -354,7 +334,13 @@ class RoutedModel:
         self._check_attached()
         pairs = self._pairs(values, layers, "offsets")
         for layer, value in pairs:
-            _check_tensor(value, (layer.num_experts,), layer.device, f"offsets for layer {layer.layer_idx}")
+            check_tensor(
+                value,
+                f"offsets for layer {layer.layer_idx}",
+                shape=(layer.num_experts,),
+                device=layer.device,
+                finite=True,
+            )
         with torch.no_grad():
             for layer, value in pairs:
                 layer.offsets.copy_(value)
@@ -371,8 +357,12 @@ class RoutedModel:
             values = values.transpose(0, 1)
         pairs = self._pairs(values, layers, "row offsets")
         for layer, value in pairs:
-            _check_tensor(
-                value, (0, layer.num_experts), layer.device, f"row offsets for layer {layer.layer_idx}", allow_rows=True
+            check_tensor(
+                value,
+                f"row offsets for layer {layer.layer_idx}",
+                shape=(None, layer.num_experts),
+                device=layer.device,
+                finite=True,
             )
         for layer, value in pairs:
             layer.row_offsets = value
@@ -483,10 +473,8 @@ class RoutedModel:
         device = target.device
         experts = torch.as_tensor(experts, device=device)
         positions = torch.as_tensor(positions, device=device)
-        if experts.is_floating_point() or experts.dtype == torch.bool:
-            raise TypeError("experts must be integer expert indices")
-        if positions.is_floating_point() or positions.dtype == torch.bool:
-            raise TypeError(f"positions must be integer token positions, got {positions.dtype} values")
+        check_tensor(experts, "experts", kind="int", of="expert indices")
+        check_tensor(positions, "positions", kind="int", of="token positions")
         for name, value in (("experts", experts), ("positions", positions)):
             if value.dim() > 2:
                 raise ValueError(f"{name} must be [n] or [B, n], got a {value.dim()}-d tensor {list(value.shape)}")
@@ -504,7 +492,7 @@ class RoutedModel:
             raise ValueError("pass either logits or weights, not both")
         if weights is not None:
             weights = weights[None] if weights.dim() == 1 else weights
-            _check_tensor(weights, (0, experts.shape[1]), device, "re-mixing weights", allow_rows=True)
+            check_tensor(weights, "re-mixing weights", shape=(None, experts.shape[1]), device=device, finite=True)
             if (weights < 0).any() or (weights.sum(dim=-1) <= 0).any():
                 raise ValueError("re-mixing weights must be non-negative with a positive sum per row")
             logits = weights.log()
@@ -513,7 +501,7 @@ class RoutedModel:
         else:
             if logits.dim() == 1:
                 logits = logits[None]
-            _check_tensor(logits, (0, experts.shape[1]), device, "re-mixing logits", allow_rows=True)
+            check_tensor(logits, "re-mixing logits", shape=(None, experts.shape[1]), device=device, finite=True)
         rows = {experts.shape[0], logits.shape[0], positions.shape[0]} - {1}
         if len(rows) > 1:
             raise ValueError(f"experts, logits and positions disagree on the number of rows: {sorted(rows)}")

@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from reroute import __version__
+from reroute.routing.checks import check_tensor
 from reroute.routing.layer import Mixing
 from reroute.routing.policy import ExpertMask, RoutingPolicy
 
@@ -341,16 +342,7 @@ def _need(tensors: Mapping[str, torch.Tensor], key: str, path: Path, kind: str) 
     """The tensor ``key``, checked to be of ``kind``: ``"float"``, ``"int"`` or ``"index"`` (bool or integer)."""
     if key not in tensors:
         raise ValueError(f"{path} lacks the tensor {key!r} that {CONFIG_NAME} announces")
-    value = tensors[key]
-    ok = {
-        "float": value.is_floating_point(),
-        "int": not value.is_floating_point() and not value.is_complex() and value.dtype != torch.bool,
-        "index": not value.is_floating_point() and not value.is_complex(),
-    }[kind]
-    if not ok:
-        wanted = {"float": "floating-point", "int": "integer", "index": "bool or integer"}[kind]
-        raise ValueError(f"the tensor {key!r} in {path} must be {wanted}, not {value.dtype}")
-    return value
+    return check_tensor(tensors[key], f"the tensor {key!r} in {path}", kind=kind, dtype_error=ValueError)
 
 
 def _snapshot(rm: RoutedModel) -> list[tuple]:

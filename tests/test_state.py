@@ -152,7 +152,11 @@ E = 8
         (lambda rm: rm.set_mixing(rm.moe_layers[0], experts=[0.0, 1.0], positions=[1]), TypeError, "integer"),
         (lambda rm: rm.layer(1.5), TypeError, "int"),
         # issue 14 item 15: fractional positions and 3-D experts were accepted
-        (lambda rm: rm.set_mixing(rm.moe_layers[0], experts=[0, 1], positions=5.7), TypeError, "integer token"),
+        (
+            lambda rm: rm.set_mixing(rm.moe_layers[0], experts=[0, 1], positions=5.7),
+            TypeError,
+            "integer tensor of token positions",
+        ),
         (lambda rm: rm.set_mixing(rm.moe_layers[0], experts=[[[0, 1]]], positions=[1]), ValueError, "3-d"),
         (lambda rm: rm.set_mixing(rm.moe_layers[0], experts=[0, 1], positions=[[[1]]]), ValueError, "3-d"),
         # issue 14 item 17: raw IndexError / AttributeError before

@@ -109,16 +109,16 @@ class PhaseResult:
     rolled_back: bool
 
 
-def install_row_offsets(
+def row_offsets_of(
     rm: RoutedModel,
     order: Sequence[int],
     delta: torch.Tensor,
     base: Mapping[int, torch.Tensor | None] | None = None,
-) -> None:
-    """Set ``delta [B, L_sel, E]`` as the per-row offsets of the layers ``order``, each slice on its layer's device
-    (a model spread over devices keeps δ in one place; ``.to`` is differentiable, so gradients reach δ). ``base``
-    holds row offsets set before (``[R, E]`` per layer, ``R`` dividing ``B``): δ is added to them (without a
-    gradient to them)."""
+) -> dict[int, torch.Tensor]:
+    """``{layer: [B, E]}`` row offsets that put ``delta [B, L_sel, E]`` on the layers ``order``, each slice on its
+    layer's device (a model spread over devices keeps δ in one place; ``.to`` is differentiable, so gradients reach
+    δ). ``base`` holds row offsets set before (``[R, E]`` per layer, ``R`` dividing ``B``): δ is added to them
+    (without a gradient to them)."""
     values = {}
     for j, idx in enumerate(order):
         value = delta[:, j].to(rm.layer(idx).device)
@@ -127,7 +127,26 @@ def install_row_offsets(
             rows, copies = value.shape[0], max(value.shape[0] // previous.shape[0], 1)
             value = value + expand_rows(previous.detach(), rows, "row offsets", expansion=copies).to(value.dtype)
         values[idx] = value
-    rm.set_row_offsets(values)
+    return values
+
+
+def install_row_offsets(
+    rm: RoutedModel,
+    order: Sequence[int],
+    delta: torch.Tensor,
+    base: Mapping[int, torch.Tensor | None] | None = None,
+    checked: bool = True,
+) -> None:
+    """Set ``delta [B, L_sel, E]`` (plus ``base``, see :func:`row_offsets_of`) as the per-row offsets of the layers
+    ``order``: through the validating ``rm.set_row_offsets``, or with ``checked=False`` straight onto the layers,
+    for optimisation loops (as C3PO's ``Pathway.install``): no validation, so no host sync and no graph break; δ
+    must be a finite float tensor of the layers' expert count made by the loop itself."""
+    values = row_offsets_of(rm, order, delta, base)
+    if checked:
+        rm.set_row_offsets(values)
+        return
+    for idx, value in values.items():
+        rm.layer(idx).row_offsets = value
 
 
 @torch.enable_grad()  # generate() runs under no_grad; a phase needs gradients whatever the caller's mode
@@ -146,8 +165,11 @@ def adapt_phase(
     weight is 0 keeps δ = 0 on that layer). ``base``: row offsets set before the phase, which δ adds to (see
     :func:`install_row_offsets`). The model's weights and the layer offsets ``rm.offsets`` get no gradient.
 
-    A step whose loss is not finite is rolled back: δ returns to the last good value with a warning.
-    The loss of the final δ is measured by one more forward (no gradient).
+    The steps stay on the device: each installs the current δ unchecked (re-adding ``base``, so every forward sees
+    the δ of that step), and no step reads a value back to the host. A step whose loss is not finite is rolled
+    back: from there on δ stays at the last value whose loss was finite (device-side, with ``torch.where``), and a
+    warning follows the phase. The loss of the final δ is measured by one more forward (no gradient); the result
+    is validated once, by installing it through ``rm.set_row_offsets``.
     """
     order = list(layers)
     rows = delta.shape[0]
@@ -157,39 +179,44 @@ def adapt_phase(
     param = delta.detach().clone().requires_grad_()
     optimizer = torch.optim.Adam([param], lr=config.lr)
     last_good = param.detach().clone()
-    install_row_offsets(rm, order, param, base)
+    finite = torch.ones((), dtype=torch.bool, device=delta.device)  # every step's loss so far was finite
+    install_row_offsets(rm, order, param, base, checked=False)
     forwards = backwards = 0
-    rolled_back = False
     before = None
     first_layer = min(order) if config.reuse_prefix else 0
     run = lambda: context_loss(rm, input_ids, attention_mask)
     with frozen_weights(rm.model), frozen(rm.offsets.parameters()), PrefixCache(rm, first_layer, run):
         for _ in range(config.steps):
+            install_row_offsets(rm, order, param, base, checked=False)
             loss = context_loss(rm, input_ids, attention_mask)
             forwards += 1
             if before is None:
-                before = loss.detach().cpu()
-            if not torch.isfinite(loss).all():
-                rolled_back = True
-                break
+                before = loss.detach()
+            finite = finite & torch.isfinite(loss).all().to(finite.device)
             total = loss.sum() + config.l2 * param.pow(2).sum().to(loss.device)
             optimizer.zero_grad(set_to_none=True)
             total.backward()
             backwards += 1
             param.grad.mul_(weights)  # soft selection: per-layer gradient weights (1 for hard/all)
-            last_good = param.detach().clone()
+            with torch.no_grad():
+                last_good = torch.where(finite, param, last_good)  # δ whose loss was finite
             optimizer.step()
             if config.max_norm is not None:
                 with torch.no_grad():
                     norms = param.norm(dim=-1, keepdim=True).clamp(min=1e-12)
                     param.mul_(torch.clamp(config.max_norm / norms, max=1.0))
+            with torch.no_grad():
+                param.copy_(torch.where(finite, param, last_good))  # after a non-finite loss δ stays put
         with torch.no_grad():
+            install_row_offsets(rm, order, param, base, checked=False)
             after = context_loss(rm, input_ids, attention_mask).cpu()
             forwards += 1
+        rolled_back = not bool(finite)
         if not torch.isfinite(after).all():
             rolled_back = True
             with torch.no_grad():
                 param.copy_(last_good)
+                install_row_offsets(rm, order, param, base, checked=False)
                 after = context_loss(rm, input_ids, attention_mask).cpu()
             forwards += 1
     if rolled_back:
@@ -199,4 +226,4 @@ def adapt_phase(
     with torch.no_grad():
         delta.copy_(param)
     install_row_offsets(rm, order, delta, base)
-    return PhaseResult(delta, before if before is not None else after, after, forwards, backwards, rolled_back)
+    return PhaseResult(delta, before.cpu() if before is not None else after, after, forwards, backwards, rolled_back)

@@ -34,6 +34,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from reroute.routing.checks import check_tensor
+
 if TYPE_CHECKING:
     from reroute.routing.layer import LayerRouting
 
@@ -197,8 +199,8 @@ class Routes:
                         f"{where}, layer {idx}: weights {list(wts.shape)} / renormalized {list(ren.shape)} do not "
                         f"match indices {list(ind.shape)}"
                     )
-                if ind.is_floating_point() or ind.dtype == torch.bool or not wts.is_floating_point():
-                    raise ValueError(f"{where}, layer {idx}: indices must be integer and weights floating point")
+                check_tensor(ind, f"{where}, layer {idx}: indices", kind="int", dtype_error=ValueError)
+                check_tensor(wts, f"{where}, layer {idx}: weights", dtype_error=ValueError)
                 if ((ind < -1) | (ind >= layer.num_experts)).any():
                     raise ValueError(
                         f"{where}, layer {idx}: expert ids out of range for a layer with {layer.num_experts} experts "
