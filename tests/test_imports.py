@@ -17,6 +17,7 @@ LAYERS_BELOW_METHODS = {
     "reroute.kernels.experts",
     "reroute.pretrained",
     "reroute.routing",
+    "reroute.routing.checks",
     "reroute.routing.graph",
     "reroute.routing.layer",
     "reroute.routing.policy",

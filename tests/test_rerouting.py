@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import math
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 from conftest import Collect
+from torch.overrides import TorchFunctionMode
 
 import reroute
+from reroute.frozen import frozen, frozen_weights
 from reroute.rerouting import Rerouter, RerouterConfig, adapt_phase, context_loss, routing_confidence, select_layers
 from reroute.testing import tiny_model
 
@@ -315,3 +319,95 @@ def test_protocol_path_selects_per_row_and_keeps_user_row_offsets(rm, context):
     theirs = Rerouter(rm, config).generate(input_ids=ids, attention_mask=mask, **kwargs)
     assert torch.equal(ours, theirs)
     assert all(rm.layer(idx).row_offsets is user[idx] for idx in rm.moe_layers)
+
+
+def _public_setter_phase(rm, config, layers, ids, mask, base):
+    """Reference for :func:`adapt_phase`: the same Adam steps, with δ (plus ``base``) installed before every step
+    through the validating public ``rm.set_row_offsets`` and plain full forwards."""
+    order = list(layers)
+    param = torch.zeros(ids.shape[0], len(order), rm.num_experts, requires_grad=True)
+    optimizer = torch.optim.Adam([param], lr=config.lr)
+
+    def install():
+        rm.set_row_offsets(
+            {idx: param[:, j] + (0 if base.get(idx) is None else base[idx]) for j, idx in enumerate(order)}
+        )
+
+    losses = []
+    with frozen_weights(rm.model), frozen(rm.offsets.parameters()):
+        for _ in range(config.steps):
+            install()
+            loss = context_loss(rm, ids, mask)
+            losses.append(loss.detach())
+            optimizer.zero_grad()
+            loss.sum().backward()
+            optimizer.step()
+        with torch.no_grad():
+            install()
+            losses.append(context_loss(rm, ids, mask))
+    return param.detach(), losses
+
+
+@pytest.mark.parametrize("user_offsets", [False, True], ids=["alone", "on-user-row-offsets"])
+def test_phase_equals_the_public_setter_loop_bit_for_bit(rm, context, user_offsets):
+    """Issue 13 item 3: the phase installs δ through the unchecked setter each step; the result is bit-identical to
+    validating every step through ``rm.set_row_offsets``. With the user's row offsets under δ this also checks that
+    every step sees that step's δ (before, δ + base was installed once, so all steps evaluated the first δ)."""
+    ids, mask = context
+    gen = torch.Generator().manual_seed(11)
+    base = {
+        idx: torch.randn(ids.shape[0], rm.num_experts, generator=gen) if user_offsets else None for idx in rm.moe_layers
+    }
+    config = RerouterConfig(steps=4, lr=0.2, layers="all", reuse_prefix=False)
+    layers = select_layers(rm, config, None)
+    expected, losses = _public_setter_phase(rm, config, layers, ids, mask, base)
+    rm.reset()
+    delta = torch.zeros(ids.shape[0], len(layers), rm.num_experts)
+    result = adapt_phase(rm, config, layers, delta, ids, mask, base=base)
+    assert torch.equal(result.delta, expected)
+    assert torch.equal(result.loss_before, losses[0]) and torch.equal(result.loss_after, losses[-1])
+    assert not torch.equal(losses[1], losses[0])  # the second step ran at the moved δ
+
+
+def test_phase_steps_neither_validate_nor_read_back(rm, context, monkeypatch):
+    """Issue 13 item 3: a phase validates δ once (its final install through the public setter) and adds no
+    validation and no host read (``.item()``, ``.tolist()``, ``bool()``, ``.cpu()`` ...) in reroute's code per step."""
+    from reroute.routing.checks import check_tensor
+
+    validated = []
+
+    def counting(*args, **kwargs):
+        validated.append(args[1])
+        return check_tensor(*args, **kwargs)
+
+    monkeypatch.setattr(sys.modules["reroute.attach"], "check_tensor", counting)
+    ids, mask = context
+    package = str(Path(reroute.__file__).parent)
+    counts = {}
+    for steps in (1, 4):
+        config = RerouterConfig(steps=steps, lr=0.2, layers="all")
+        layers = select_layers(rm, config, None)
+        delta = torch.zeros(ids.shape[0], len(layers), rm.num_experts)
+        validated.clear()
+        with HostReads(package) as reads:
+            adapt_phase(rm, config, layers, delta, ids, mask)
+        counts[steps] = (len(validated), reads.count)
+        rm.reset()
+    assert counts[1][0] == len(rm.moe_layers)  # once per layer: the result, through rm.set_row_offsets
+    assert counts[4] == counts[1]  # three more steps: no more validation, no more host reads from reroute
+
+
+class HostReads(TorchFunctionMode):
+    """Counts the tensor methods that read a value back to the host, called directly from code under ``package``
+    (transformers' and torch's own reads, e.g. Adam's CPU step counter, are not counted)."""
+
+    READS = {"item", "tolist", "__bool__", "__int__", "__float__", "__index__", "cpu", "numpy", "nonzero"}
+
+    def __init__(self, package: str) -> None:
+        super().__init__()
+        self.package, self.count = package, 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", "") in self.READS and sys._getframe(1).f_code.co_filename.startswith(self.package):
+            self.count += 1
+        return func(*args, **(kwargs or {}))

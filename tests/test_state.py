@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import traceback
+from pathlib import Path
 
 import pytest
 import torch
@@ -280,3 +283,81 @@ def test_offsets_table_for_optimisers(family, model, tokens):
     assert rm.layer(-1) is rm.layer(rm.moe_layers[-1])
     rm.offsets.zero_()
     assert rm.offsets.norm() == 0
+
+
+def _raised_in(excinfo: pytest.ExceptionInfo) -> str:
+    """``module:function`` where the error (or, for a wrapped error, its cause) was raised."""
+    error = excinfo.value
+    while error.__cause__ is not None:
+        error = error.__cause__
+    frame = traceback.extract_tb(error.__traceback__)[-1]
+    return f"{Path(frame.filename).stem}:{frame.name}"
+
+
+@pytest.mark.parametrize(
+    "call, error",
+    [
+        (lambda rm, d: rm.set_offsets({0: torch.zeros(E, dtype=torch.long)}), TypeError),
+        (lambda rm, d: rm.set_offsets({0: torch.full((E,), float("nan"))}), ValueError),
+        (lambda rm, d: rm.set_offsets({0: torch.zeros(E + 1)}), ValueError),
+        (lambda rm, d: rm.set_row_offsets({0: torch.zeros(2, E - 1)}), ValueError),
+        (lambda rm, d: rm.set_row_offsets({0: torch.full((2, E), float("inf"))}), ValueError),
+        (lambda rm, d: rm.set_mixing(0, experts=[0, 1], positions=[1], logits=torch.zeros(3)), ValueError),
+        (lambda rm, d: rm.set_mixing(0, experts=[0, 1], positions=[1], weights=torch.tensor([1, 2])), TypeError),
+        (lambda rm, d: rm.set_mixing(0, experts=[0.0, 1.0], positions=[1]), TypeError),
+        (lambda rm, d: rm.set_mixing(0, experts=[0, 1], positions=[True]), TypeError),
+        (lambda rm, d: rm.load_pretrained(_tampered(d, **{"offsets.0": torch.zeros(E, dtype=torch.long)})), ValueError),
+        (lambda rm, d: rm.load_pretrained(_tampered(d, **{"offsets.0": torch.zeros(E + 1)})), ValueError),
+        (lambda rm, d: rm.load_pretrained(_tampered(d, **{"row_offsets.0": torch.zeros(2, E).long()})), ValueError),
+        (lambda rm, d: rm.replay(_float_routes(rm)).__enter__(), ValueError),
+    ],
+    ids=[
+        "offsets-dtype",
+        "offsets-nan",
+        "offsets-shape",
+        "row-offsets-shape",
+        "row-offsets-inf",
+        "mixing-logits-shape",
+        "mixing-weights-dtype",
+        "mixing-experts-dtype",
+        "mixing-positions-dtype",
+        "file-offsets-dtype",
+        "file-offsets-shape",
+        "file-row-offsets-dtype",
+        "routes-indices-dtype",
+    ],
+)
+def test_every_tensor_is_checked_by_the_one_validator(call, error, tmp_path):
+    """Issue 13 item 5: the setters, saved state folders and recorded routes share one tensor validator
+    (``reroute.routing.checks.check_tensor``): each bad tensor is refused there, before anything changes."""
+    rm = reroute.attach(tiny_model("olmoe"))
+    rm.set_row_offsets({0: torch.zeros(2, E)})
+    rm.save_pretrained(tmp_path / "state")
+    rm.set_offsets({0: torch.ones(E)})
+    before = _state(rm)
+    with pytest.raises(error) as excinfo:
+        call(rm, tmp_path / "state")
+    assert _raised_in(excinfo) == "checks:check_tensor", excinfo.value
+    assert _unchanged(rm, before)
+
+
+def _tampered(folder: Path, **tensors: torch.Tensor) -> Path:
+    """``folder`` with some tensors replaced (and the checksum in its config updated to match)."""
+    from safetensors.torch import load_file, save_file
+
+    from reroute.pretrained import CONFIG_NAME, STATE_NAME
+
+    save_file({**load_file(str(folder / STATE_NAME)), **tensors}, str(folder / STATE_NAME))
+    record = json.loads((folder / CONFIG_NAME).read_text())
+    record["tensors_sha256"] = hashlib.sha256((folder / STATE_NAME).read_bytes()).hexdigest()
+    (folder / CONFIG_NAME).write_text(json.dumps(record))
+    return folder
+
+
+def _float_routes(rm):
+    """Routes recorded on ``rm`` whose expert ids were turned into floats."""
+    with torch.no_grad(), rm.record() as routes:
+        rm.model(torch.tensor([[3, 4, 5], [6, 7, 8]]))  # two rows, as the row offsets set
+    segment = routes.segments[0]
+    segment.indices = {idx: ind.float() for idx, ind in segment.indices.items()}
+    return routes
