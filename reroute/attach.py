@@ -139,6 +139,10 @@ class RoutedModel:
         self._forward_lock = threading.Lock()
         self._forward_thread: int | None = None
         self._forward_depth = 0
+        # a thread running a method that keeps routing state set across several forwards (see ``exclusive``)
+        self._owner_thread: int | None = None
+        self._owner_depth = 0
+        self._owner_what = ""
         self._wrap_generate(_core_model(model))
         for marked in self._marked:
             self._wrap_save(marked)
@@ -185,6 +189,46 @@ class RoutedModel:
     def _check_attached(self) -> None:
         if not self.attached:
             raise RuntimeError("this RoutedModel was detached; call reroute.attach(model) again")
+        owner = self._owner_thread
+        if owner is not None and owner != threading.get_ident():
+            raise self._owned_error("change its routing state")
+
+    def _owned_error(self, action: str) -> RuntimeError:
+        return RuntimeError(
+            f"this RoutedModel is running {self._owner_what} in another thread, which keeps its own routing state on "
+            f"the model until it returns, so this thread cannot {action} now; use one model (and one reroute.attach) "
+            "per thread, or run the calls one after the other"
+        )
+
+    @contextlib.contextmanager
+    def exclusive(self, what: str) -> Iterator[RoutedModel]:
+        """Within the block only the calling thread may run forwards of the model or change its routing state.
+
+        For methods that keep temporary routing state on the model across several forwards (a ``Rerouter``'s δ
+        between its steps and phases, SCMoE's weak routing): a forward or a setter call from another thread in
+        the meantime would run on (or change) that state, so it raises a ``RuntimeError`` instead. Entering while
+        another thread runs a forward or holds the model raises too. Re-entrant within one thread; ``what`` names
+        the call in the error (``"Rerouter.generate"``).
+        """
+        me = threading.get_ident()
+        with self._forward_lock:
+            if self._owner_thread not in (None, me):
+                raise self._owned_error(f"run {what}")
+            if self._forward_thread not in (None, me):
+                raise RuntimeError(
+                    f"this RoutedModel is running a forward in another thread, so {what} cannot start now; use one "
+                    "model (and one reroute.attach) per thread, or run the calls one after the other"
+                )
+            if self._owner_depth == 0:
+                self._owner_thread, self._owner_what = me, what
+            self._owner_depth += 1
+        try:
+            yield self
+        finally:
+            with self._forward_lock:
+                self._owner_depth -= 1
+                if self._owner_depth == 0:
+                    self._owner_thread, self._owner_what = None, ""
 
     def _wrap_generate(self, core: nn.Module) -> None:
         """Record ``generate()``'s row expansion (``num_return_sequences`` / ``num_beams``) in the context, so that
@@ -243,6 +287,8 @@ class RoutedModel:
             return  # a compiled forward runs the check in the eager call around it
         me = threading.get_ident()
         with self._forward_lock:
+            if self._owner_thread not in (None, me):
+                raise self._owned_error("run a forward")
             if self._forward_thread not in (None, me):
                 raise RuntimeError(
                     "this RoutedModel is running a forward in another thread and its routing state is shared; "

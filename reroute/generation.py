@@ -333,6 +333,7 @@ class DecodingMethod:
 
     A subclass sets ``self.rm`` and implements :meth:`scorer`; :meth:`generate` and :meth:`decoding_method` are
     shared. :meth:`finish` runs after every call, whether it succeeded or not (to clear per-call routing state).
+    A call holds the model for its thread (``rm.exclusive``): another thread's forward meanwhile is an error.
     """
 
     rm: Any  # the attached model (reroute.RoutedModel)
@@ -384,16 +385,18 @@ class DecodingMethod:
         if model.__dict__.get("_reroute_attached") is not self.rm:  # rm.model, or the model inside its peft wrapper
             raise ValueError(f"this {type(self).__name__} belongs to another model")
         check_prompt(model, input_ids, model_kwargs.get("attention_mask"))
-        scorer = self.scorer(ModelStream(model, generation_config, model_kwargs))
-        try:
-            return decode(
-                model,
-                input_ids,
-                scorer,
-                logits_processor,
-                stopping_criteria,
-                generation_config,
-                streamer=token_streamer,
-            )
-        finally:
-            self.finish(scorer)
+        # the method's routing state stays on the model between its forwards: no other thread may run one meanwhile
+        with self.rm.exclusive(f"{type(self).__name__}.generate"):
+            scorer = self.scorer(ModelStream(model, generation_config, model_kwargs))
+            try:
+                return decode(
+                    model,
+                    input_ids,
+                    scorer,
+                    logits_processor,
+                    stopping_criteria,
+                    generation_config,
+                    streamer=token_streamer,
+                )
+            finally:
+                self.finish(scorer)

@@ -206,6 +206,48 @@ def test_a_second_thread_forward_during_a_forward_is_a_clear_error(tokens):
         model(tokens[:1])  # free again once the other thread's forward is over
 
 
+def test_another_thread_between_a_rerouters_forwards_is_a_clear_error(tokens):
+    """Issue 14 item 19: between its forwards a Rerouter keeps δ on the model; a forward (or a setter) from another
+    thread in that moment ran silently on δ. Now it raises, and works again, on the original routing, once the
+    Rerouter's call has returned."""
+    import threading
+
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    model = tiny_model("olmoe")
+    rm = reroute.attach(model)
+    with torch.no_grad():
+        plain = model(tokens[:1]).logits
+    inside, release = threading.Event(), threading.Event()
+    seen = {}
+
+    class Pause(LogitsProcessor):  # runs in the decoding loop between two forwards, with δ installed
+        def __call__(self, input_ids, scores):
+            seen["delta"] = rm.layer(rm.moe_layers[0]).row_offsets is not None
+            inside.set()
+            release.wait(timeout=30)
+            return scores
+
+    rerouter = reroute.Rerouter(rm, steps=2, lr=0.3, layers="all")
+    call = dict(input_ids=tokens, max_new_tokens=2, do_sample=False, logits_processor=LogitsProcessorList([Pause()]))
+    worker = threading.Thread(target=lambda: rerouter.generate(**call))
+    worker.start()
+    try:
+        assert inside.wait(timeout=60) and seen["delta"]
+        with pytest.raises(RuntimeError, match="running Rerouter.generate in another thread"), torch.no_grad():
+            model(tokens[:1])
+        with pytest.raises(RuntimeError, match="cannot change its routing state"):
+            rm.set_offsets({rm.moe_layers[0]: torch.ones(rm.num_experts)})
+        with pytest.raises(RuntimeError, match="cannot run SCMoE.generate"):
+            reroute.SCMoE(rm).generate(input_ids=tokens[:1], max_new_tokens=1)
+    finally:
+        release.set()
+        worker.join()
+    assert len(rerouter.phases) == 1 and not rm.has_state()  # the worker's call finished and cleaned up
+    with torch.no_grad():
+        assert torch.equal(model(tokens[:1]).logits, plain)
+
+
 def test_saving_only_the_model_warns_when_routing_state_is_set(model, tmp_path):
     """Issue 14 item 9: ``model.save_pretrained`` dropped the routing state silently."""
     import warnings

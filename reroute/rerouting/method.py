@@ -129,7 +129,9 @@ class Rerouter(DecodingMethod, RoutingMethod):
         config: a :class:`RerouterConfig`, or its fields as keyword arguments (which also override a given config).
 
     Every row (``num_return_sequences`` rows too) adapts to its own context. After a call, ``phases`` holds each
-    phase's :class:`~reroute.rerouting.adapt.PhaseResult` (losses, cost).
+    phase's :class:`~reroute.rerouting.adapt.PhaseResult` (losses, cost). δ stays on the model between a call's
+    forwards, so a call holds the model for its thread (:meth:`~reroute.RoutedModel.exclusive`): another thread's
+    forward or setter call meanwhile raises ``RuntimeError``.
     """
 
     def __init__(self, rm: RoutedModel, config: RerouterConfig | None = None, **overrides: Any) -> None:
@@ -167,16 +169,18 @@ class Rerouter(DecodingMethod, RoutingMethod):
             return RowOffsets({}, torch.zeros(rows, 0, self.rm.num_experts))
         prompts = prompts.to(self.rm.model.device)
         ids, mask = prompts.input_ids, prompts.attention_mask
-        saved = self._user_row_offsets()
-        confidence = (
-            routing_confidence(self.rm, ids, mask, per_row=True) if self.config.layers == "confidence" else None
-        )
-        layers = select_layers(self.rm, self.config, confidence)
-        delta = torch.zeros(rows, len(layers), self.rm.num_experts, device=self.rm.layer(next(iter(layers))).device)
-        try:
-            self._record([adapt_phase(self.rm, self.config, layers, delta, ids, mask, base=saved)], rows)
-        finally:
-            self._restore(saved)
+        with self.rm.exclusive("Rerouter.adapt_contexts"):  # δ stays on the model between the phase's steps
+            saved = self._user_row_offsets()
+            confidence = (
+                routing_confidence(self.rm, ids, mask, per_row=True) if self.config.layers == "confidence" else None
+            )
+            layers = select_layers(self.rm, self.config, confidence)
+            device = self.rm.layer(next(iter(layers))).device
+            delta = torch.zeros(rows, len(layers), self.rm.num_experts, device=device)
+            try:
+                self._record([adapt_phase(self.rm, self.config, layers, delta, ids, mask, base=saved)], rows)
+            finally:
+                self._restore(saved)
         return RowOffsets(_row_weights(layers, rows), delta.detach())
 
     def split_state(self, state: RowOffsets, rows: int) -> list[RowOffsets]:
@@ -210,12 +214,13 @@ class Rerouter(DecodingMethod, RoutingMethod):
             yield
             return
         delta = state.delta.repeat_interleave(repeat_rows(state.delta.shape[0], batch.input_ids.shape[0]), dim=0)
-        saved = self._user_row_offsets()
-        install_row_offsets(self.rm, list(state.layers), delta, base=saved)
-        try:
-            yield
-        finally:
-            self._restore(saved)
+        with self.rm.exclusive("Rerouter.applied"):  # δ stays on the model for the block's forwards
+            saved = self._user_row_offsets()
+            install_row_offsets(self.rm, list(state.layers), delta, base=saved)
+            try:
+                yield
+            finally:
+                self._restore(saved)
 
     def generate_from(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, state: Any = None, **generate_kwargs: Any
