@@ -239,15 +239,18 @@ class RoutedModel:
 
         def expand_inputs(*args: object, expand_size: int = 1, **kwargs: object) -> tuple:
             context.expansion = int(expand_size)
+            # the rows being expanded: generate()'s prompts (or, for a stream a method expands, its rows)
+            rows = next((kwargs[k] for k in ("input_ids", "attention_mask") if kwargs.get(k) is not None), None)
+            context.batch_rows = int(rows.shape[0]) if isinstance(rows, torch.Tensor) and rows.dim() >= 1 else None
             return expand(*args, expand_size=expand_size, **kwargs)
 
         def generate_with_rows(*args: object, **kwargs: object) -> object:
-            saved = context.expansion
-            context.expansion = 1
+            saved = context.expansion, context.batch_rows
+            context.expansion, context.batch_rows = 1, None
             try:
                 return generate(*args, **kwargs)
             finally:
-                context.expansion = saved
+                context.expansion, context.batch_rows = saved
 
         generate_with_rows.__doc__ = generate.__doc__
         core.__dict__["_expand_inputs_for_generation"] = expand_inputs
@@ -410,6 +413,7 @@ class RoutedModel:
                 device=layer.device,
                 finite=True,
             )
+            self._check_state_rows(f"row offsets for layer {layer.layer_idx}", count=value.shape[0])
         for layer, value in pairs:
             layer.row_offsets = value
 
@@ -436,7 +440,9 @@ class RoutedModel:
         rows: torch.Tensor | Sequence[int] | None = None,
     ) -> None:
         """Routing policy for ``layers`` (default all), optionally only for batch ``rows`` (bool ``[B]`` or
-        indices; the other rows keep the family's routing). ``None`` clears it."""
+        indices; the other rows keep the family's routing). ``None`` clears it. Rows that cannot fit the batch are
+        refused here where the batch is known (inside ``generate()``, ``row_expansion(copies, rows=...)``), else at
+        the forward."""
         self._check_attached()
         if policy is not None and not isinstance(policy, RoutingPolicy):
             raise TypeError(
@@ -450,6 +456,10 @@ class RoutedModel:
                 check_routing(layer.rule, layer.router, layer.num_experts, layer.top_k, policy, layer.mask)
             if rows is not None:
                 row_mask = self._row_mask(rows, selected[0].device)
+                if row_mask.dtype == torch.bool:
+                    self._check_state_rows("policy rows", count=row_mask.shape[0])
+                else:
+                    self._check_state_rows("policy rows", indices=row_mask)
         elif rows is not None:
             raise ValueError("rows= needs a policy; pass policy=None without rows to clear the policy")
         for layer in selected:
@@ -459,7 +469,8 @@ class RoutedModel:
     @staticmethod
     def _row_mask(rows: torch.Tensor | Sequence[int], device: torch.device) -> torch.Tensor:
         """Policy rows as given: a bool mask ``[B]`` (one entry per batch row) or long row indices ``[n]`` (rows
-        of the batch, or of the prompts inside ``generate()``; checked against the batch at each forward)."""
+        of the batch, or of the prompts inside ``generate()``; checked against the batch at set time where it is
+        known, see ``_check_state_rows``, and at each forward)."""
         if (
             isinstance(rows, (str, bytes))
             or not isinstance(rows, (torch.Tensor, Sequence))
@@ -551,6 +562,7 @@ class RoutedModel:
         rows = {experts.shape[0], logits.shape[0], positions.shape[0]} - {1}
         if len(rows) > 1:
             raise ValueError(f"experts, logits and positions disagree on the number of rows: {sorted(rows)}")
+        self._check_state_rows("re-mixing state", count=max(rows, default=1), shared=True)
         target.mixing = Mixing(experts=experts, logits=logits, positions=positions)
         return logits
 
@@ -588,20 +600,62 @@ class RoutedModel:
                 layer.policy, layer.policy_rows, layer.mask = p, r, m
 
     @contextlib.contextmanager
-    def row_expansion(self, copies: int) -> Iterator[RoutedModel]:
+    def row_expansion(self, copies: int, rows: int | None = None) -> Iterator[RoutedModel]:
         """Within the block, per-row state set for ``R`` rows serves forwards of ``R * copies`` rows, each row
         repeated ``copies`` times in place (``repeat_interleave``), as ``generate()`` lays out
         ``num_return_sequences``; e.g. scoring each item's ``copies`` answer choices as consecutive rows. Outside
-        such a block (and ``generate()``), per-row state must have one row per batch row."""
+        such a block (and ``generate()``), per-row state must have one row per batch row.
+
+        ``rows``: ``R``, when known. Per-row state set inside the block is then checked against the batch at once
+        (row indices below ``R``; ``R`` or ``R * copies`` rows), as inside ``generate()``, rather than at the
+        first forward."""
         copies = as_integer(copies, "copies")
         if copies < 1:
             raise ValueError(f"copies must be a positive integer, got {copies}")
-        saved = self.context.expansion
+        if rows is not None:
+            rows = as_integer(rows, "rows")
+            if rows < 1:
+                raise ValueError(f"rows must be a positive integer (the prompt rows of the batch), got {rows}")
+        saved = self.context.expansion, self.context.batch_rows
         self.context.expansion = copies
+        self.context.batch_rows = rows if rows is not None else saved[1]
         try:
             yield self
         finally:
-            self.context.expansion = saved
+            self.context.expansion, self.context.batch_rows = saved
+
+    def _batch_in_flight(self) -> tuple[int, int] | None:
+        """``(prompt rows, forward rows)`` of the batch this thread is running, where it is known before its forwards
+        (inside ``generate()``, a ``row_expansion(copies, rows=...)`` block, or a forward); ``None`` elsewhere."""
+        ctx = self.context
+        if ctx.batch_rows is not None:
+            return ctx.batch_rows, ctx.batch_rows * ctx.expansion
+        if ctx.batch_size is not None:
+            copies = ctx.expansion if ctx.batch_size % ctx.expansion == 0 else 1
+            return ctx.batch_size // copies, ctx.batch_size
+        return None
+
+    def _check_state_rows(
+        self, what: str, count: int | None = None, indices: torch.Tensor | None = None, shared: bool = False
+    ) -> None:
+        """Per-row state against the batch in flight, where it is known (see :meth:`_batch_in_flight`): row
+        ``indices`` must name prompt rows, and ``count`` rows must be one per prompt row or per batch row (or 1
+        where ``shared`` state serves every row). Elsewhere the forward checks it (``expand_rows``)."""
+        known = self._batch_in_flight()
+        if known is None:
+            return
+        prompts, rows = known
+        if indices is not None and int(indices.max()) >= prompts:
+            raise ValueError(
+                f"{what} {indices.tolist()} name a row beyond the batch of {prompts} rows; pass row indices below "
+                "the batch size"
+            )
+        if count is not None and count not in (prompts, rows) and not (shared and count == 1):
+            copies = f" ({rows // prompts} sequences per prompt)" if rows != prompts else ""
+            raise ValueError(
+                f"{what} has {count} rows but the batch being run has {rows} rows{copies}; set per-row state with one "
+                "row per batch row (or per prompt row inside generate() with num_return_sequences / num_beams)"
+            )
 
     @contextlib.contextmanager
     def trace(self, detach: bool = True, device: str | torch.device | None = None) -> Iterator[Trace]:

@@ -333,6 +333,57 @@ def test_per_row_state_of_another_batch_size_is_an_error(model, tokens):
         model(batch)
 
 
+def test_rows_beyond_the_batch_are_refused_at_set_time_where_the_batch_is_known(tokens):
+    """Issue 14 item 17: a row index beyond the batch was accepted by the setter and failed at the first forward.
+    Inside ``generate()`` (its prompts) and ``rm.row_expansion(copies, rows=R)`` the batch is known, so per-row state
+    that cannot fit it is refused when set, and nothing changes; elsewhere the forward still refuses it."""
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    model = tiny_model("olmoe")
+    rm = reroute.attach(model)
+    layer = rm.moe_layers[0]
+    errors = []
+
+    class SetRows(LogitsProcessor):  # runs inside generate(), between its forwards
+        def __call__(self, input_ids, scores):
+            rm.set_policy(RoutingPolicy(rank=2), rows=[1])  # prompt rows 0..1 (4 rows with 2 sequences each)
+            rm.set_row_offsets({layer: torch.zeros(4, rm.num_experts)})
+            rm.set_row_offsets({layer: torch.zeros(2, rm.num_experts)})
+            for bad in (
+                lambda: rm.set_policy(RoutingPolicy(rank=2), rows=[2]),
+                lambda: rm.set_policy(RoutingPolicy(rank=2), rows=torch.tensor([True, False, True])),
+                lambda: rm.set_row_offsets({layer: torch.zeros(3, rm.num_experts)}),
+            ):
+                with pytest.raises(ValueError, match="beyond the batch of 2 rows|has 3 rows but the batch being run"):
+                    bad()
+                errors.append(bad)
+            rm.reset()
+            return scores
+
+    call = dict(max_new_tokens=1, do_sample=True, top_k=1, num_return_sequences=2)
+    model.generate(tokens, logits_processor=LogitsProcessorList([SetRows()]), **call)
+    assert len(errors) == 3 and not rm.has_state()
+
+    with rm.row_expansion(3, rows=2):
+        rm.set_mixing(layer, experts=[[0, 1], [2, 3]], positions=[[1], [2]])
+        for bad in (
+            lambda: rm.set_policy(RoutingPolicy(rank=2), rows=[2]),
+            lambda: rm.set_row_offsets({layer: torch.zeros(5, rm.num_experts)}),
+            lambda: rm.set_mixing(layer, experts=[[0, 1]] * 3, positions=[[1]] * 3),
+        ):
+            before = (rm.layer(layer).policy, rm.layer(layer).row_offsets, rm.layer(layer).mixing)
+            with pytest.raises(ValueError, match="beyond the batch of 2 rows|but the batch being run has 6 rows"):
+                bad()
+            assert (rm.layer(layer).policy, rm.layer(layer).row_offsets, rm.layer(layer).mixing) == before
+    rm.reset()
+    rm.set_policy(RoutingPolicy(rank=2), rows=[5])  # no batch known here: the forward refuses it
+    with pytest.raises(ValueError, match="beyond the batch"):
+        model(tokens)
+    with pytest.raises(ValueError, match="rows must be a positive integer"):
+        with rm.row_expansion(2, rows=0):
+            pass
+
+
 def test_policy_rows_follow_num_return_sequences(model, tokens):
     """Inside generate(), row indices and masks name prompt rows and follow their num_return_sequences copies."""
     rm = reroute.attach(model)

@@ -49,6 +49,9 @@ class RoutingContext(threading.local):
         self.traces: list[Trace | Routes] = []  # recorders: anything with Trace.record
         # rows per prompt row inside ``generate()`` (num_return_sequences / num_beams); 1 outside it
         self.expansion = 1
+        # prompt rows of the batch this thread is running, where known before its forwards (inside ``generate()``,
+        # ``rm.row_expansion(copies, rows=...)``): per-row state set then is checked against it at once
+        self.batch_rows: int | None = None
 
     def clear(self) -> None:
         self.batch_size = None
