@@ -118,9 +118,13 @@ reroute.plot.usage_heatmap(base_usage, layers=rm.moe_layers, title=f"{len(test_p
 C3PO finds each test prompt's nearest successful neighbours in a reference index and re-mixes the routing weights of
 the core experts in the last layers, at the last prompt token. A small index (the reference items the model answers
 correctly) keeps this notebook fast. `adaptation_usage` counts expert usage at that token without and with the
-adaptation. The panels show only the critical layers, the ones C3PO re-mixes (the other layers do not change at that
-token); items where C3PO's gates abstain keep the base routing. The right panel is the difference, red where an
-expert is used more after adaptation.""",
+adaptation, over the items C3PO adapted (`adapted_only=True`: where its gates abstain the routing stays the base one,
+which would only dilute the change). Only the critical layers are shown, the ones C3PO re-mixes (the other layers do
+not change at that token).
+
+C3PO moves a part of each layer's routing mass, so the two usage maps on the right look alike at a glance; the large
+left panel is the change itself, red where an expert is used more after adaptation, blue where less, and each layer
+is labelled with the share of its assignments that moved to other experts.""",
     ),
     (
         "code",
@@ -133,10 +137,10 @@ print(
     f"index: {len(index)} reference items; C3PO kept the base routing for {int(adaptation.abstained.sum())} "
     f"of {len(test_items)} items"
 )
-before, after = reroute.plot.adaptation_usage(c3po, adaptation, test_prompts)
+before, after = reroute.plot.adaptation_usage(c3po, adaptation, test_prompts, adapted_only=True)
 rows = [rm.moe_layers.index(layer) for layer in c3po.layers]  # the critical layers: the only ones C3PO changes
 adapted = int((~adaptation.abstained).sum())
-title = f"C3PO (NGD) at the last prompt token; {adapted} of {len(test_items)} items adapted"
+title = f"C3PO (NGD) at the last prompt token of the {adapted} adapted items (of {len(test_items)})"
 reroute.plot.usage_difference(before[rows], after[rows], layers=c3po.layers, title=title)""",
     ),
     (

@@ -7,7 +7,8 @@ file suffix).
 
 - :func:`usage_heatmap`: MoE layer × expert usage ``[L, E]`` (from a :class:`~reroute.routing.trace.Trace` or a
   tensor);
-- :func:`usage_difference`: usage before / after an adaptation and their difference;
+- :func:`usage_difference`: the difference of usage after / before an adaptation (with the share of each layer's
+  assignments that moved, :func:`moved_share`), and both usages;
 - :func:`domain_usage`: groups (domains) × experts for one layer, or one small panel per layer;
 - :func:`accuracy_bars`, :func:`domain_accuracy`: accuracy of :class:`~reroute.eval.EvalResult` runs with their
   95% bootstrap intervals, overall and per domain.
@@ -133,13 +134,14 @@ def usage_by_group(
 
 
 def adaptation_usage(
-    c3po: C3PO, adaptation: Adaptation, prompts: Sequence[str], positions: str = "last"
+    c3po: C3PO, adaptation: Adaptation, prompts: Sequence[str], positions: str = "last", adapted_only: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Usage ``[num_moe_layers, E]`` of ``prompts`` with the base routing and with a C3PO ``adaptation`` of the same
     prompts (from ``c3po.adapt(prompts)``, same order) installed — ``(before, after)``.
 
     The prompts run as one left-padded batch, as :meth:`~reroute.C3PO.score_choices` runs them; ``positions="last"``
-    counts only the last prompt token, where the adapted pathway acts.
+    counts only the last prompt token, where the adapted pathway acts. ``adapted_only``: count only the items C3PO
+    adapted (where its gates kept the base routing, before and after are the same counts, which dilute the change).
     """
     from reroute.scoring import padded_logits, prompt_batch
 
@@ -148,9 +150,14 @@ def adaptation_usage(
     rows = int(adaptation.abstained.numel())
     if rows != len(prompts):
         raise ValueError(f"the adaptation covers {rows} prompts but {len(prompts)} were given")
+    kept = ~adaptation.abstained.bool().cpu()
+    if adapted_only and not kept.any():
+        raise ValueError("C3PO adapted none of these items (its gates kept the base routing): nothing to count")
     rm = c3po.rm
     batch = prompt_batch(c3po.tokenizer, list(prompts))
     mask = _positions_mask(batch.attention_mask, positions)
+    if adapted_only:
+        mask = mask * kept[:, None].to(mask.dtype)
     device = rm.model.device
     usage = []
     for adapted in (False, True):
@@ -163,6 +170,16 @@ def adaptation_usage(
             rm.clear_mixing(c3po.layers)
         usage.append(trace.expert_usage(attention_mask=mask))
     return usage[0], usage[1]
+
+
+def moved_share(before: Trace | torch.Tensor | np.ndarray, after: Trace | torch.Tensor | np.ndarray) -> np.ndarray:
+    """Per layer ``[L]``, the share of the layer's assignments that moved to other experts between two usages
+    ``[L, E]`` (rows summing to 1): ``½ Σ_e |after − before|``, the total-variation distance (0: the same usage,
+    1: no expert in common)."""
+    first, second = usage_matrix(before), usage_matrix(after)
+    if first.shape != second.shape:
+        raise ValueError(f"before {list(first.shape)} and after {list(second.shape)} usage differ in shape")
+    return 0.5 * np.abs(second - first).sum(axis=-1)
 
 
 # ------------------------------------------------------------------------------------------------- figures
@@ -233,26 +250,30 @@ def usage_difference(
     title: str = "expert usage before / after adaptation",
     path: str | Path | None = None,
 ) -> Figure:
-    """Three panels over MoE layer × expert: usage before, after, and ``after - before`` (diverging colours,
-    symmetric around zero: red = used more after adaptation)."""
+    """The change first: a full-width ``after - before`` panel over MoE layer × expert (diverging colours,
+    symmetric around zero: red = used more after adaptation), each layer labelled with the share of its assignments
+    that moved (:func:`moved_share`); below it the usage before and after, side by side on one colour scale."""
     first, second = usage_matrix(before), usage_matrix(after)
     if first.shape != second.shape:
         raise ValueError(f"before {list(first.shape)} and after {list(second.shape)} usage differ in shape")
     labels = _layer_labels(before, first.shape[0], layers)
     diff = second - first
-    fig = _figure(max(10.0, 0.2 * first.shape[1] + 5.0), max(2.5, 0.3 * first.shape[0] + 1.4))
-    axes = fig.subplots(1, 3)  # every panel keeps its own layer and expert labels
+    moved = moved_share(first, second)
+    fig = _figure(max(10.0, 0.16 * first.shape[1] + 4.0), max(5.0, 0.6 * first.shape[0] + 3.0))
+    mosaic = fig.subplot_mosaic([["change", "change"], ["before", "after"]], height_ratios=[1.2, 1])
+    axes = [mosaic["change"], mosaic["before"], mosaic["after"]]  # every panel keeps its own layer and expert labels
+    span = float(np.abs(diff).max()) or 1.0
+    image = _heatmap(axes[0], diff, labels, "RdBu_r", -span, span, "MoE layer")
+    axes[0].set_yticks(range(len(labels)), [f"{x}: {100 * m:.1f}% moved" for x, m in zip(labels, moved)])
+    axes[0].set_title("after − before")
+    axes[0].set_xlabel(f"expert (largest change {span:.3f})")
+    fig.colorbar(image, ax=axes[0], label="change in share (red: more after)")
     top = float(max(first.max(), second.max())) or 1.0
-    for ax, data, name in ((axes[0], first, "before"), (axes[1], second, "after")):
+    for ax, data, name in ((axes[1], first, "before"), (axes[2], second, "after")):
         image = _heatmap(ax, data, labels, "viridis", 0.0, top, "MoE layer")
         ax.set_title(name)
-    fig.colorbar(image, ax=axes[:2], label="share of assignments")
-    span = float(np.abs(diff).max()) or 1.0
-    image = _heatmap(axes[2], diff, labels, "RdBu_r", -span, span, "MoE layer")
-    axes[2].set_title("after − before")
-    axes[2].set_xlabel(f"expert (largest change {span:.3f})")
-    fig.colorbar(image, ax=axes[2], label="change in share (red: more after)")
-    fig.suptitle(title)
+    fig.colorbar(image, ax=axes[1:], label="share of assignments")
+    fig.suptitle(f"{title} — {100 * float(moved.mean()):.1f}% of assignments moved on average")
     return _finish(fig, path)
 
 

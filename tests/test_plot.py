@@ -81,8 +81,17 @@ def test_adaptation_usage(rm, tokenizer):
     torch.testing.assert_close(before[:-1], after[:-1])  # only the last (critical) layer is re-mixed
     torch.testing.assert_close(after.sum(-1), torch.ones(len(rm.moe_layers)))
     assert all(layer.mixing is None for layer in rm.layers.values())
+    # counting only the adapted items: the same change, undiluted by the items where the gates kept the base
+    adaptation.abstained[:] = torch.tensor([False, True, False, True])
+    diluted = plot.adaptation_usage(c3po, adaptation, prompts)
+    only = plot.adaptation_usage(c3po, adaptation, prompts, adapted_only=True)
+    kept = [prompts[0], prompts[2]]
+    torch.testing.assert_close(only[0], plot.prompt_usage(rm, tokenizer, kept, positions="last"))
+    torch.testing.assert_close((only[1] - only[0]) / 2, diluted[1] - diluted[0])  # half of the items adapted
     adaptation.abstained[:] = True  # the gate kept the base routing everywhere: nothing changes
     assert torch.equal(plot.adaptation_usage(c3po, adaptation, prompts)[1], before)
+    with pytest.raises(ValueError, match="adapted none of these items"):
+        plot.adaptation_usage(c3po, adaptation, prompts, adapted_only=True)
     with pytest.raises(ValueError, match="covers 4 prompts but 3"):
         plot.adaptation_usage(c3po, adaptation, prompts[:3])
 
@@ -113,18 +122,28 @@ def test_usage_heatmap_from_a_trace(rm, tokenizer, tmp_path):
 def test_usage_difference():
     gen = torch.Generator().manual_seed(0)
     before, after = torch.rand(4, 16, generator=gen), torch.rand(4, 16, generator=gen)
+    before, after = before / before.sum(-1, keepdim=True), after / after.sum(-1, keepdim=True)
     fig = plot.usage_difference(before, after, layers=[3, 5, 7, 9])
     panels = [ax for ax in fig.axes if ax.images]
-    assert [ax.get_title() for ax in panels] == ["before", "after", "after − before"]
-    np.testing.assert_allclose(panels[0].images[0].get_array(), before.numpy())
-    np.testing.assert_allclose(panels[2].images[0].get_array(), (after - before).numpy(), rtol=1e-6)
-    low, high = panels[2].images[0].get_clim()
-    assert low == -high == -float((after - before).abs().max())
-    for panel in panels:  # issue 14 item 24: the difference panel had no layer labels (shared, hidden axis)
-        assert [t.get_text() for t in panel.get_yticklabels()] == ["3", "5", "7", "9"]
+    # issue 14 item 24: the change comes first and largest (before/after looked alike on the testbed)
+    assert [ax.get_title() for ax in panels] == ["after − before", "before", "after"]
+    assert panels[0].get_position().width > 1.5 * panels[1].get_position().width
+    np.testing.assert_allclose(panels[0].images[0].get_array(), (after - before).numpy(), rtol=1e-6)
+    np.testing.assert_allclose(panels[1].images[0].get_array(), before.numpy())
+    low, high = panels[0].images[0].get_clim()
+    assert low == -high and high == pytest.approx(float((after - before).abs().max()), rel=1e-6)
+    moved = [0.5 * float((after[i] - before[i]).abs().sum()) for i in range(4)]  # total-variation distance
+    np.testing.assert_allclose(plot.moved_share(before, after), moved, rtol=1e-6)
+    assert [t.get_text() for t in panels[0].get_yticklabels()] == [
+        f"{layer}: {100 * m:.1f}% moved" for layer, m in zip([3, 5, 7, 9], moved)
+    ]
+    assert f"{100 * np.mean(moved):.1f}% of assignments moved" in fig.get_suptitle()
+    for panel in panels:  # the difference panel had no layer labels (shared, hidden axis)
+        assert [t.get_text().split(":")[0] for t in panel.get_yticklabels()] == ["3", "5", "7", "9"]
         assert panel.get_ylabel() == "MoE layer" and panel.get_xlabel().startswith("expert")
         assert all(label.get_visible() for label in panel.get_yticklabels())
-    assert "largest change" in panels[2].get_xlabel()
+    assert "largest change" in panels[0].get_xlabel()
+    assert plot.moved_share(before, before).tolist() == [0.0] * 4
     with pytest.raises(ValueError, match="differ in shape"):
         plot.usage_difference(before, after[:, :8])
 
