@@ -206,13 +206,16 @@ def test_a_second_thread_forward_during_a_forward_is_a_clear_error(tokens):
         model(tokens[:1])  # free again once the other thread's forward is over
 
 
-def test_another_thread_between_a_rerouters_forwards_is_a_clear_error(tokens):
-    """Issue 14 item 19: between its forwards a Rerouter keeps δ on the model; a forward (or a setter) from another
-    thread in that moment ran silently on δ. Now it raises, and works again, on the original routing, once the
-    Rerouter's call has returned."""
+@pytest.mark.parametrize("method", ["Rerouter", "C3PO"])
+def test_another_thread_between_a_methods_forwards_is_a_clear_error(tokens, method):
+    """Issue 14 item 19: between its forwards a method keeps its state on the model (a Rerouter's δ, C3PO's
+    re-mixing); a forward (or a setter) from another thread in that moment ran silently on it. Now it raises, and
+    works again, on the original routing, once the method's call has returned."""
     import threading
 
     from transformers import LogitsProcessor, LogitsProcessorList
+
+    from reroute.testing import tiny_tokenizer
 
     model = tiny_model("olmoe")
     rm = reroute.attach(model)
@@ -221,20 +224,26 @@ def test_another_thread_between_a_rerouters_forwards_is_a_clear_error(tokens):
     inside, release = threading.Event(), threading.Event()
     seen = {}
 
-    class Pause(LogitsProcessor):  # runs in the decoding loop between two forwards, with δ installed
+    class Pause(LogitsProcessor):  # runs in the decoding loop between two forwards, with the state installed
         def __call__(self, input_ids, scores):
-            seen["delta"] = rm.layer(rm.moe_layers[0]).row_offsets is not None
+            seen["state"] = rm.has_state()
             inside.set()
             release.wait(timeout=30)
             return scores
 
-    rerouter = reroute.Rerouter(rm, steps=2, lr=0.3, layers="all")
-    call = dict(input_ids=tokens, max_new_tokens=2, do_sample=False, logits_processor=LogitsProcessorList([Pause()]))
-    worker = threading.Thread(target=lambda: rerouter.generate(**call))
+    call = dict(max_new_tokens=2, do_sample=False, logits_processor=LogitsProcessorList([Pause()]))
+    if method == "Rerouter":
+        rerouter = reroute.Rerouter(rm, steps=2, lr=0.3, layers="all")
+        run = lambda: rerouter.generate(input_ids=tokens, **call)  # noqa: E731
+    else:
+        c3po = reroute.C3PO(rm, None, tiny_tokenizer(), surrogate="oracle", critical_layers=1, core_experts=4, steps=2)
+        adaptation = c3po.adapt([{"prompt": "w3 w4 w5", "answer": " w9"}])
+        run = lambda: c3po.generate(["w3 w4 w5"], adaptation=adaptation, **call)  # noqa: E731
+    worker = threading.Thread(target=lambda: seen.update(out=run()))
     worker.start()
     try:
-        assert inside.wait(timeout=60) and seen["delta"]
-        with pytest.raises(RuntimeError, match="running Rerouter.generate in another thread"), torch.no_grad():
+        assert inside.wait(timeout=60) and seen["state"]
+        with pytest.raises(RuntimeError, match=f"running {method}.generate in another thread"), torch.no_grad():
             model(tokens[:1])
         with pytest.raises(RuntimeError, match="cannot change its routing state"):
             rm.set_offsets({rm.moe_layers[0]: torch.ones(rm.num_experts)})
@@ -243,7 +252,8 @@ def test_another_thread_between_a_rerouters_forwards_is_a_clear_error(tokens):
     finally:
         release.set()
         worker.join()
-    assert len(rerouter.phases) == 1 and not rm.has_state()  # the worker's call finished and cleaned up
+    assert isinstance(seen.get("out"), torch.Tensor)  # the worker's call finished
+    assert not rm.has_state()  # and cleaned up
     with torch.no_grad():
         assert torch.equal(model(tokens[:1]).logits, plain)
 

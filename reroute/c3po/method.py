@@ -130,45 +130,46 @@ class C3PO(RoutingMethod):
         shared_query = (
             retrieves and self.embedder.name == HiddenStateEmbedder.name and self.index.query_field == "prompt"
         )
-        state = prompt_forward(self.rm, prompts, hidden=shared_query)
-        own_scores, confidence = state.pathways, state.confidence  # [B, L_all, E], [B]
-        own = own_pathway(
-            {layer: own_scores[:, p] for layer, p in zip(self.layers, self.layer_pos)}, self.layers, self.n_core
-        )
-        stats: dict[str, float] = {"forward_passes": 1.0, "backward_passes": 0.0}
-        neighbours = torch.zeros(len(items), 0, dtype=torch.long)
-        agreement = torch.ones(len(items))
-        zeros = torch.zeros(len(items))
-        try:
-            if cfg.surrogate == "oracle":
-                result = optimise_oracle(
-                    self.rm,
-                    gold_batch(self.tokenizer, items),
-                    self.layers,
-                    self.n_core,
-                    cfg.steps,
-                    cfg.lr,
-                    recompute=self._recompute,
-                )
-            elif cfg.surrogate == "mode":
-                pathway, _ = mode_finding(
-                    own, own_scores, self.index.pathways, self.layer_pos, cfg.k, cfg.mode_iterations, cfg.mode_alpha
-                )
-                result = SurrogateResult(pathway, zeros, zeros)
-            else:
-                if not shared_query:
-                    stats["forward_passes"] += 1  # the query embedding
-                found = self._neighbours(items, state.embedding)
-                neighbours = found.ids
-                if cfg.surrogate == "official":
-                    stored = self.index.pathways[neighbours][:, :, self.layer_pos]  # [B, k, Lc, E]
-                    result = SurrogateResult(official_pathway(stored, found.similarity, self.layers), zeros, zeros)
+        with self.rm.exclusive("C3PO.adapt"):  # the optimised re-mixing stays on the model between steps
+            state = prompt_forward(self.rm, prompts, hidden=shared_query)
+            own_scores, confidence = state.pathways, state.confidence  # [B, L_all, E], [B]
+            own = own_pathway(
+                {layer: own_scores[:, p] for layer, p in zip(self.layers, self.layer_pos)}, self.layers, self.n_core
+            )
+            stats: dict[str, float] = {"forward_passes": 1.0, "backward_passes": 0.0}
+            neighbours = torch.zeros(len(items), 0, dtype=torch.long)
+            agreement = torch.ones(len(items))
+            zeros = torch.zeros(len(items))
+            try:
+                if cfg.surrogate == "oracle":
+                    result = optimise_oracle(
+                        self.rm,
+                        gold_batch(self.tokenizer, items),
+                        self.layers,
+                        self.n_core,
+                        cfg.steps,
+                        cfg.lr,
+                        recompute=self._recompute,
+                    )
+                elif cfg.surrogate == "mode":
+                    pathway, _ = mode_finding(
+                        own, own_scores, self.index.pathways, self.layer_pos, cfg.k, cfg.mode_iterations, cfg.mode_alpha
+                    )
+                    result = SurrogateResult(pathway, zeros, zeros)
                 else:
-                    agreement = self._agreement(neighbours)
-                    result = self._neighbour_surrogate(own, found, self._skips(confidence))
-                    stats["surrogate_items"] = result.extra.pop("items")
-        finally:
-            self.rm.clear_mixing(self.layers)
+                    if not shared_query:
+                        stats["forward_passes"] += 1  # the query embedding
+                    found = self._neighbours(items, state.embedding)
+                    neighbours = found.ids
+                    if cfg.surrogate == "official":
+                        stored = self.index.pathways[neighbours][:, :, self.layer_pos]  # [B, k, Lc, E]
+                        result = SurrogateResult(official_pathway(stored, found.similarity, self.layers), zeros, zeros)
+                    else:
+                        agreement = self._agreement(neighbours)
+                        result = self._neighbour_surrogate(own, found, self._skips(confidence))
+                        stats["surrogate_items"] = result.extra.pop("items")
+            finally:
+                self.rm.clear_mixing(self.layers)
         gain = _relative_gain(result)
         abstained = self._gate(gain, agreement, confidence)
         stats["forward_passes"] += result.forward_passes
@@ -294,12 +295,13 @@ class C3PO(RoutingMethod):
         batch, n_choices = choice_batch(self.tokenizer, items)
         self._check_context(batch.input_ids.shape[1], "a prompt with its longest choice")
         adaptation = adaptation or self.adapt(items)
-        self.apply(adaptation, batch.prompt_len, total_len=batch.input_ids.shape[1])
-        try:
-            with torch.no_grad(), self.rm.row_expansion(n_choices):  # each item's choices: consecutive rows
-                scores = continuation_logprobs(self.rm.model, batch.to(self.rm.model.device))
-        finally:
-            self.rm.clear_mixing(self.layers)
+        with self.rm.exclusive("C3PO.score_choices"):  # the re-mixing stays on the model for the forward
+            self.apply(adaptation, batch.prompt_len, total_len=batch.input_ids.shape[1])
+            try:
+                with torch.no_grad(), self.rm.row_expansion(n_choices):  # each item's choices: consecutive rows
+                    scores = continuation_logprobs(self.rm.model, batch.to(self.rm.model.device))
+            finally:
+                self.rm.clear_mixing(self.layers)
         return scores.view(len(items), n_choices).argmax(-1).tolist()
 
     def _check_context(self, length: int, what: str) -> None:
@@ -345,14 +347,15 @@ class C3PO(RoutingMethod):
             adaptation = adaptation or self.adapt(list(prompts))
         device = self.rm.model.device
         prompt_len = input_ids.shape[1]
-        self.apply(adaptation, prompt_len, total_len=prompt_len + self._new_tokens(prompt_len, generate_kwargs))
-        try:
-            with torch.no_grad():
-                return self.rm.model.generate(
-                    input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), **generate_kwargs
-                )
-        finally:
-            self.rm.clear_mixing(self.layers)
+        with self.rm.exclusive("C3PO.generate"):  # the re-mixing stays on the model across generate()'s forwards
+            self.apply(adaptation, prompt_len, total_len=prompt_len + self._new_tokens(prompt_len, generate_kwargs))
+            try:
+                with torch.no_grad():
+                    return self.rm.model.generate(
+                        input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), **generate_kwargs
+                    )
+            finally:
+                self.rm.clear_mixing(self.layers)
 
     def _new_tokens(self, prompt_len: int, generate_kwargs: dict[str, Any]) -> int:
         """The most tokens ``generate`` will add (``max_new_tokens``, else ``max_length`` minus the prompt)."""
@@ -371,11 +374,12 @@ class C3PO(RoutingMethod):
         found = self.index.search(self.embedder(self.rm, self.tokenizer, self.index.query_texts(items)), self.config.k)
         weights = kernel_weights(found.similarity, self.config.kernel, self.config.bandwidth)
         batch, positions = self._neighbour_batch(adaptation.neighbours)
-        try:
-            with torch.no_grad():
-                return neighbour_loss(self.rm, adaptation.pathway, batch, weights, positions).cpu()
-        finally:
-            self.rm.clear_mixing(self.layers)
+        with self.rm.exclusive("C3PO.neighbour_losses"):
+            try:
+                with torch.no_grad():
+                    return neighbour_loss(self.rm, adaptation.pathway, batch, weights, positions).cpu()
+            finally:
+                self.rm.clear_mixing(self.layers)
 
     # --------------------------------------------------------------------------------------------- protocol
     @classmethod
@@ -445,12 +449,13 @@ class C3PO(RoutingMethod):
             yield
             return
         copies = repeat_rows(len(state.abstained), batch.input_ids.shape[0])
-        self.apply(state, batch.prompt_len)
-        try:
-            with self.rm.row_expansion(copies):  # each item's state covers its consecutive rows (item-major)
-                yield
-        finally:
-            self.rm.clear_mixing(self.layers)
+        with self.rm.exclusive("C3PO.applied"):  # the re-mixing stays on the model for the block's forwards
+            self.apply(state, batch.prompt_len)
+            try:
+                with self.rm.row_expansion(copies):  # each item's state covers its consecutive rows (item-major)
+                    yield
+            finally:
+                self.rm.clear_mixing(self.layers)
 
     def generate_from(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, state: Any = None, **generate_kwargs: Any

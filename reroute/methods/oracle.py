@@ -56,9 +56,10 @@ class Oracle(RoutingMethod):
 
     def adapt_contexts(self, items: Sequence[Item], prompts: ContinuationBatch) -> Pathway:
         cfg = self.config
-        result = optimise_oracle(
-            self.rm, gold_batch(self.tokenizer, items), cfg.layers, cfg.core_experts, cfg.steps, cfg.lr
-        )
+        with self.rm.exclusive("the oracle's adaptation"):  # the optimised re-mixing stays on the model between steps
+            result = optimise_oracle(
+                self.rm, gold_batch(self.tokenizer, items), cfg.layers, cfg.core_experts, cfg.steps, cfg.lr
+            )
         self.add_stats(
             forward_passes=result.forward_passes * len(items), backward_passes=result.backward_passes * len(items)
         )
@@ -81,9 +82,10 @@ class Oracle(RoutingMethod):
             yield
             return
         copies = repeat_rows(state.rows, batch.input_ids.shape[0])
-        state.apply(self.rm, batch.last_prompt_positions[:1])
-        try:
-            with self.rm.row_expansion(copies):  # each item's state covers its consecutive rows (item-major)
-                yield
-        finally:
-            self.rm.clear_mixing(state.layers)
+        with self.rm.exclusive("the oracle's scoring"):  # the re-mixing stays on the model for the block's forwards
+            state.apply(self.rm, batch.last_prompt_positions[:1])
+            try:
+                with self.rm.row_expansion(copies):  # each item's state covers its consecutive rows (item-major)
+                    yield
+            finally:
+                self.rm.clear_mixing(state.layers)
