@@ -155,9 +155,12 @@ class RoutedModel:
 
     def detach(self) -> nn.Module:
         """Restore the original router classes and remove every hook; returns the model. Detaching a detached
-        RoutedModel does nothing (a stale one never touches a newer attachment of the same model)."""
+        RoutedModel does nothing (a stale one never touches a newer attachment of the same model); detaching while
+        another thread holds the model (:meth:`exclusive`) raises."""
         if not self.attached:
             return self.model
+        if self._owner_thread not in (None, threading.get_ident()):
+            raise self._owned_error("detach it")
         self._set_kernels(False)
         core = _core_model(self.model)
         for name in ("generate", "_expand_inputs_for_generation"):

@@ -247,6 +247,8 @@ def test_another_thread_between_a_methods_forwards_is_a_clear_error(tokens, meth
             model(tokens[:1])
         with pytest.raises(RuntimeError, match="cannot change its routing state"):
             rm.set_offsets({rm.moe_layers[0]: torch.ones(rm.num_experts)})
+        with pytest.raises(RuntimeError, match="cannot detach it"):
+            rm.detach()
         with pytest.raises(RuntimeError, match="cannot run SCMoE.generate"):
             reroute.SCMoE(rm).generate(input_ids=tokens[:1], max_new_tokens=1)
     finally:
