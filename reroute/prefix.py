@@ -136,8 +136,8 @@ class ModelState:
     """What a cached prefix was computed under, compared without reading any weight: every parameter and buffer
     by identity, storage address, version counter, dtype, device and shape (so an in-place update — an optimiser
     step, ``load_state_dict``, ``copy_`` — a replaced tensor or a moved model makes a different state), the content
-    of the routing state (offsets, policies, masks, the routing kernel switch), the attention implementation and
-    train/eval mode.
+    of the routing state (offsets, policies, masks, the routing kernel switch), the attention implementation,
+    and autocast (a model in training mode is never cached: see :func:`cacheable`).
 
     Writes made through ``tensor.data`` bypass PyTorch's version counter (autograd cannot see them either): after
     editing weights that way, empty the store (:meth:`PrefixStore.clear`).
@@ -145,20 +145,21 @@ class ModelState:
 
     def __init__(self, rm: RoutedModel) -> None:
         model = rm.model
-        tensors = [
-            (name, t)
-            for name, t in itertools.chain(
-                model.named_parameters(remove_duplicate=False), model.named_buffers(remove_duplicate=False)
-            )
-        ]
+        tensors = list(
+            itertools.chain(model.named_parameters(remove_duplicate=False), model.named_buffers(remove_duplicate=False))
+        )
         self._refs = [weakref.ref(t) for _, t in tensors]  # identity without keeping a replaced tensor alive
         self._facts = tuple(
             (name, t.data_ptr(), t._version, t.dtype, str(t.device), tuple(t.shape)) for name, t in tensors
         )
         layers = list(rm.layers.values())
-        offsets = torch.cat([layer.offsets.detach().float().cpu() for layer in layers])  # one read, on entry only
+        offsets = torch.cat([layer.offsets.detach().float().cpu() for layer in layers])  # read once per call
         routing = [(layer.layer_idx, _as_json(layer.policy), _as_json(layer.mask), layer.kernels) for layer in layers]
-        self._routing = (offsets.numpy().tobytes(), json.dumps(routing), model.training, _attention(model))
+        kind = model.device.type
+        autocast = (
+            (torch.is_autocast_enabled(kind), torch.get_autocast_dtype(kind)) if kind in ("cpu", "cuda") else None
+        )
+        self._routing = (offsets.numpy().tobytes(), json.dumps(routing), _attention(model), autocast)
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, ModelState):
@@ -170,6 +171,11 @@ class ModelState:
         )
 
     __hash__ = None  # type: ignore[assignment]  (mutable weak references: compared, never hashed)
+
+
+def _left_pad(tensor: torch.Tensor, length: int) -> torch.Tensor:
+    """``[heads, a, dim]`` zero-padded on the left of its token axis to ``[heads, length, dim]``."""
+    return torch.nn.functional.pad(tensor, (0, 0, length - tensor.shape[1], 0))
 
 
 def _as_json(value: Any) -> Any:
@@ -371,22 +377,17 @@ class SuffixScorer:
         return out
 
     def _assemble_kv(self, entries: list[RowPrefix]) -> list[tuple[torch.Tensor, ...]]:
-        """The batch's prefix cache: per layer ``[B, heads, start, head_dim]`` (zeros where a row is padding, which
-        attention masks out). Layers below the first adapted one never run in a step (pass-throughs): a one-channel
-        stand-in gives the cache its length there."""
+        """The batch's prefix cache: per layer ``[B, heads, start, head_dim]`` on that layer's device (zeros where a
+        row is padding, which attention masks out). Layers below the first adapted one never run in a step
+        (pass-throughs): a one-channel stand-in gives the cache its length there."""
         start, rows = self.start, len(entries)
-        kv: list[tuple[torch.Tensor, ...]] = []
-        sample = entries[0].keys[0]
-        stand_in = sample.new_zeros(rows, 1, start, 1)
-        kv += [(stand_in, stand_in)] * self.first_layer
+        stand_in = entries[0].keys[0].new_zeros(rows, 1, start, 1)
+        kv: list[tuple[torch.Tensor, ...]] = [(stand_in, stand_in)] * self.first_layer
         for layer in range(len(entries[0].keys)):
-            heads, _, dim = entries[0].keys[layer].shape
-            keys = sample.new_zeros(rows, heads, start, dim)
-            values = sample.new_zeros(rows, heads, start, entries[0].values[layer].shape[-1])
-            for row, entry in enumerate(entries):
-                own = entry.keys[layer].shape[1]
-                keys[row, :, start - own :] = entry.keys[layer]
-                values[row, :, start - own :] = entry.values[layer]
+            keys, values = (
+                torch.stack([_left_pad(getattr(entry, name)[layer], start) for entry in entries])
+                for name in ("keys", "values")
+            )
             kv.append((keys, values))
         return kv
 
