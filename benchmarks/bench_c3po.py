@@ -1,12 +1,16 @@
 """C3PO cost per item as a multiple of one plain forward pass of the item (the paper's RoMA estimate: 6–7×).
 
 Builds a random OLMoE-shaped model from its config (``--shape``), a reference index from random multiple-choice
-items, then times, per surrogate, adaptation + scoring of a batch of test items against plain scoring of the
-same batch. Prints a table and writes JSON (device name included). A benchmark, not a test.
+items, then times, per surrogate and per way of recomputing (``--recompute``, side by side in one process),
+adaptation + scoring of a batch of test items against plain scoring of the same batch. ``suffix+cache`` is the
+suffix recompute with every neighbour's prefix state already cached by an earlier call (the cache C3PO keeps across
+calls; the other columns run with it off). Also reports what the one prompt forward records next to recording every
+layer and token, and the prefix cache's bytes per neighbour. Prints a table and writes JSON (device name included).
+A benchmark, not a test.
 
-    python benchmarks/bench_c3po.py --shape small --device cpu --json c3po_cpu.json
-    python benchmarks/bench_c3po.py --shape olmoe-1b-7b --device cuda --dtype bfloat16 --json c3po_gpu.json
-    python benchmarks/bench_c3po.py ... --recompute layers   # every position through the critical layers (before)
+    python benchmarks/bench_c3po.py --shape small --device cpu --recompute suffix layers --json c3po_cpu.json
+    python benchmarks/bench_c3po.py --shape olmoe-1b-7b --device cuda --dtype bfloat16 --recompute suffix layers \\
+        --json c3po_gpu.json
 """
 
 from __future__ import annotations
@@ -21,8 +25,13 @@ from bench_common import SHAPES, build, device_name, median_seconds
 
 import reroute
 from reroute.c3po import C3PO, ReferenceIndex
-from reroute.scoring import choice_batch, continuation_logprobs
+from reroute.c3po.config import RECOMPUTE
+from reroute.c3po.embed import prompt_forward
+from reroute.scoring import choice_batch, continuation_logprobs, prompt_batch
 from reroute.testing import tiny_tokenizer
+
+NEIGHBOUR_SURROGATES = ("ngd", "kernel")  # the surrogates that score neighbours (and so use the prefix cache)
+RECOMPUTING = ("ngd", "kernel", "oracle")  # the surrogates whose steps run forwards (``recompute`` applies)
 
 
 def items(n: int, seed: int, vocab: int, length: int, answer_tokens: int) -> list[dict]:
@@ -38,6 +47,42 @@ def items(n: int, seed: int, vocab: int, length: int, answer_tokens: int) -> lis
     return out
 
 
+def recording_bytes(rm: reroute.RoutedModel, tok, prompts: list[str], device: str) -> dict[str, float]:
+    """What the one prompt forward keeps: C3PO's recording (last column's routing, hidden mean) against recording
+    every layer's routing and hidden states at every token (``rm.trace()`` + ``output_hidden_states``); bytes held
+    after the forward and, on CUDA, the forward's peak memory."""
+    batch = prompt_batch(tok, prompts).to(device)
+    position_ids = (batch.attention_mask.cumsum(-1) - 1).clamp(min=0)
+    cuda = device == "cuda"
+
+    def full() -> int:
+        with torch.no_grad(), rm.trace() as trace:
+            out = rm.model(
+                input_ids=batch.input_ids,
+                attention_mask=batch.attention_mask,
+                position_ids=position_ids,
+                use_cache=False,
+                output_hidden_states=True,
+                logits_to_keep=1,
+            )
+        records = [t for rs in trace.records.values() for r in rs for t in (r.logits, r.indices, r.weights)]
+        return sum(t.numel() * t.element_size() for t in [*records, *out.hidden_states])
+
+    def ours() -> int:
+        return prompt_forward(rm, batch, hidden=True).recorded_bytes
+
+    result: dict[str, float] = {}
+    for name, run in (("full", full), ("c3po", ours)):
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated()
+        result[f"{name}_recorded_bytes"] = run()
+        if cuda:
+            result[f"{name}_peak_bytes_above_model"] = torch.cuda.max_memory_allocated() - before
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shape", choices=sorted(SHAPES), default="small")
@@ -45,20 +90,26 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--batch", type=int, default=8, help="test items adapted together")
     parser.add_argument("--prompt-tokens", type=int, default=256, help="words per prompt (few-shot MC prompts)")
-    parser.add_argument("--answer-tokens", type=int, default=8, help="words per choice (an MC answer's length)")
+    parser.add_argument(
+        "--answer-tokens", type=int, default=8, help="words per choice (an ARC/MMLU answer: a few words)"
+    )
     parser.add_argument("--reference", type=int, default=256, help="reference items run to build the index")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument(
         "--recompute",
-        default="suffix",
-        choices=["suffix", "layers", "full"],
-        help="what each surrogate step recomputes",
+        nargs="+",
+        default=["suffix"],
+        choices=list(RECOMPUTE),
+        help="what each surrogate step recomputes; several are timed side by side in one process",
     )
     parser.add_argument(
         "--surrogates", default="mode,kernel,ngd,oracle,official", help="comma-separated surrogates to time"
     )
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     vocab = 512
     dtype = getattr(torch, args.dtype)
@@ -72,40 +123,78 @@ def main() -> None:
     batch, _ = choice_batch(tok, test)
     batch = batch.to(args.device)
 
-    c3pos = {
-        surrogate: C3PO(rm, index, tok, surrogate=surrogate, recompute=args.recompute)
-        for surrogate in args.surrogates.split(",")
-    }
-    runs = {"plain": partial(continuation_logprobs, model, batch)}
-    runs.update({surrogate: partial(c3po.score_choices, test) for surrogate, c3po in c3pos.items()})
+    surrogates = args.surrogates.split(",")
+    variants = list(dict.fromkeys(args.recompute))
+    if "suffix" in variants:
+        variants.insert(variants.index("suffix") + 1, "suffix+cache")
+    c3pos: dict[tuple[str, str], C3PO] = {}
+    for surrogate in surrogates:
+        for variant in variants:
+            if variant != variants[0] and surrogate not in RECOMPUTING:
+                continue  # mode / official run no forward steps: one timing serves every column
+            if variant == "suffix+cache" and surrogate not in NEIGHBOUR_SURROGATES:
+                continue
+            recompute, cached = variant.removesuffix("+cache"), variant.endswith("+cache")
+            c3pos[surrogate, variant] = C3PO(
+                rm, index, tok, surrogate=surrogate, recompute=recompute, prefix_cache_mib=1e6 if cached else 0
+            )
+    runs = {("plain", ""): partial(continuation_logprobs, model, batch)}
+    runs.update({key: partial(c3po.score_choices, test) for key, c3po in c3pos.items()})
     with torch.no_grad():
         seconds = median_seconds(runs, args.device, args.repeats)
     # one plain forward of the items: the choice batch holds 4 rows per item, so a quarter of its cost
-    base = seconds["plain"] / 4
+    base = seconds["plain", ""] / 4
     rows = []
-    for surrogate, c3po in c3pos.items():
-        stats = c3po.adapt(test).stats
-        rows.append(
-            {
-                "surrogate": surrogate,
-                "seconds_per_batch": seconds[surrogate],
-                "cost_vs_plain_forward": (seconds[surrogate] - 4 * base) / base,
-                "forward_passes_per_item": stats["forward_passes"],
-                "backward_passes_per_item": stats["backward_passes"],
-            }
-        )
+    for surrogate in surrogates:
+        stats = c3pos[surrogate, variants[0]].adapt(test).stats
+        row = {
+            "surrogate": surrogate,
+            "forward_passes_per_item": stats["forward_passes"],
+            "backward_passes_per_item": stats["backward_passes"],
+            "seconds_per_batch": {},
+            "cost_vs_plain_forward": {},
+        }
+        for variant in variants:
+            key = (surrogate, variant) if (surrogate, variant) in c3pos else None
+            if key is None:
+                continue
+            row["seconds_per_batch"][variant] = seconds[key]
+            row["cost_vs_plain_forward"][variant] = (seconds[key] - 4 * base) / base
+        rows.append(row)
+    store = next((c3po.prefix_store for key, c3po in c3pos.items() if key[1] == "suffix+cache"), None)
+    per_neighbour = store.nbytes / len(store) if store is not None and len(store) else None
+    memory = recording_bytes(rm, tok, [item["prompt"] for item in test], args.device)
+
     name = device_name(args.device)
     print(
         f"C3PO cost per item vs one plain forward — {args.shape}, {args.dtype}, batch {args.batch}, "
-        f"{args.prompt_tokens}-token prompts, {args.answer_tokens}-token answers, recompute={args.recompute}, "
-        f"index of {len(index)}, on {name}"
+        f"{args.prompt_tokens}-token prompts, {args.answer_tokens}-token answers, index of {len(index)}, on {name}; "
+        f"one plain forward {base / args.batch * 1e3:.2f} ms per item"
     )
-    print(f"{'surrogate':<10}{'s/batch':>10}{'× forward':>11}{'fwd/item':>10}{'bwd/item':>10}")
+    print(f"{'surrogate':<10}" + "".join(f"{v:>14}" for v in variants) + f"{'fwd/item':>10}{'bwd/item':>10}")
     for row in rows:
+        costs, cells = row["cost_vs_plain_forward"], []
+        for variant in variants:
+            if variant in costs:
+                cells.append(f"{costs[variant]:>13.2f}×")
+            else:  # "=": no forward steps, recompute does not apply; "—": no neighbours, nothing to cache
+                cells.append(f"{'=' if row['surrogate'] not in RECOMPUTING else '—':>14}")
         print(
-            f"{row['surrogate']:<10}{row['seconds_per_batch']:>10.4f}{row['cost_vs_plain_forward']:>11.2f}"
-            f"{row['forward_passes_per_item']:>10.0f}{row['backward_passes_per_item']:>10.0f}"
+            f"{row['surrogate']:<10}" + "".join(cells) + f"{row['forward_passes_per_item']:>10.0f}"
+            f"{row['backward_passes_per_item']:>10.0f}"
         )
+    if per_neighbour is not None:
+        print(f"prefix cache: {len(store)} neighbours, {per_neighbour / 2**20:.3f} MiB per neighbour")
+    print(
+        f"prompt forward recording: {memory['c3po_recorded_bytes'] / 2**10:.1f} KiB kept vs "
+        f"{memory['full_recorded_bytes'] / 2**10:.1f} KiB recording every layer and token"
+        + (
+            f"; peak above the model {memory['c3po_peak_bytes_above_model'] / 2**20:.1f} MiB vs "
+            f"{memory['full_peak_bytes_above_model'] / 2**20:.1f} MiB"
+            if "c3po_peak_bytes_above_model" in memory
+            else ""
+        )
+    )
     if args.json:
         record = {
             "benchmark": "c3po_cost",
@@ -117,10 +206,13 @@ def main() -> None:
             "batch": args.batch,
             "prompt_tokens": args.prompt_tokens,
             "answer_tokens": args.answer_tokens,
-            "recompute": args.recompute,
+            "threads": torch.get_num_threads(),
+            "variants": variants,
             "index_size": len(index),
-            "plain_forward_seconds_per_item": base,
+            "plain_forward_seconds_per_batch": base,
             "rows": rows,
+            "prefix_cache_bytes_per_neighbour": per_neighbour,
+            "prompt_forward_memory": memory,
         }
         with open(args.json, "w") as handle:
             json.dump(record, handle, indent=2)

@@ -1,4 +1,5 @@
-"""C3PO's suffix-only recompute equals the full recompute (fp32 CPU), on tiny models of three families."""
+"""C3PO's suffix-only recompute equals the full recompute (fp32 CPU), on tiny models of three families; the
+neighbours' prefix states kept across calls change no result; the prompt forward records only what C3PO reads."""
 
 from __future__ import annotations
 
@@ -6,10 +7,11 @@ import pytest
 import torch
 
 import reroute
-from reroute.c3po import C3PO, ReferenceIndex
+from reroute.c3po import C3PO, C3POConfig, HiddenStateEmbedder, ReferenceIndex
+from reroute.c3po.embed import prompt_forward
 from reroute.c3po.pathway import Pathway, own_pathway
-from reroute.prefix import SuffixScorer
-from reroute.scoring import continuation_logprobs, gold_batch
+from reroute.prefix import PrefixStore, RowPrefix, SuffixScorer
+from reroute.scoring import continuation_logprobs, gold_batch, prompt_batch
 from reroute.testing import tiny_model, tiny_tokenizer
 
 FAMILIES = ("olmoe", "qwen3_moe", "deepseek_v3")
@@ -105,3 +107,168 @@ def test_suffix_scorer_equals_a_full_forward_and_runs_repeated_rows_once(family_
     with torch.no_grad():
         base = continuation_logprobs(rm.model, batch)
     assert (ours - base).abs().max() > 1e-4  # the re-mixing reached the suffix forward
+
+
+# ------------------------------------------------------------------ the neighbours' prefix states across calls
+
+
+def _omega_gap(a: Pathway, b: Pathway) -> float:
+    return max(float((a.omega(layer) - b.omega(layer)).abs().max()) for layer in a.layers)
+
+
+@pytest.mark.parametrize("surrogate", ["ngd", "kernel"])
+def test_prefix_cache_across_calls_gives_the_uncached_result(family_setup, surrogate):
+    """A second batch whose neighbours were cached by the first adapts as with no cache at all."""
+    rm, tok, index = family_setup
+    kwargs = dict(surrogate=surrogate, critical_layers=1, core_experts=6, lr=0.3, min_gain=None, max_confidence=None)
+    cached, plain = C3PO(rm, index, tok, **kwargs), C3PO(rm, index, tok, prefix_cache_mib=0, **kwargs)
+    first, second = _items(6, 2), _items(6, 5)
+    cached.adapt(first)
+    hits = cached.prefix_store.hits
+    ours, reference = cached.adapt(second), plain.adapt(second)
+    assert cached.prefix_store.hits > hits  # neighbours of the second batch came from the first call
+    assert len(plain.prefix_store) == 0  # prefix_cache_mib=0: nothing kept
+    assert torch.equal(ours.neighbours, reference.neighbours)
+    assert _omega_gap(ours.pathway, reference.pathway) <= 1e-5
+    torch.testing.assert_close(ours.gain, reference.gain, rtol=0, atol=1e-5)
+    assert cached.score_choices(second, ours) == plain.score_choices(second, reference)
+
+
+@pytest.fixture(scope="module")
+def olmoe_setup():
+    rm = reroute.attach(tiny_model("olmoe"))
+    tok = tiny_tokenizer()
+    return rm, tok, ReferenceIndex.build(rm, tok, _items(48, 1), progress=False)
+
+
+def _change_offsets(rm):
+    rm.set_offsets({rm.moe_layers[0]: torch.linspace(-3.0, 3.0, rm.num_experts)})
+
+
+def _change_mask(rm):
+    rm.set_mask(reroute.ExpertMask(banned=(0, 1, 2)), rm.moe_layers[0])
+
+
+def _change_policy(rm):
+    rm.set_policy(reroute.RoutingPolicy(top_k=1), rm.moe_layers[0])
+
+
+def _change_weights(rm):
+    with torch.no_grad():  # in place, as an optimiser step or load_state_dict writes
+        rm.model.model.layers[0].self_attn.o_proj.weight.mul_(2.0)
+
+
+def _replace_weights(rm):
+    attention = rm.model.model.layers[0].self_attn
+    attention.o_proj.weight = torch.nn.Parameter(attention.o_proj.weight.detach() * 2.0)
+
+
+@pytest.mark.parametrize("change", [_change_offsets, _change_mask, _change_policy, _change_weights, _replace_weights])
+def test_prefix_cache_is_emptied_when_the_model_or_its_routing_changes(olmoe_setup, change):
+    """After a change of the base routing state or of the weights, the cached C3PO recomputes the neighbours'
+    prefixes and adapts as a fresh, uncached one does under the new state (never as before the change)."""
+    rm, tok, index = olmoe_setup
+    kwargs = dict(critical_layers=1, core_experts=6, lr=0.3, min_gain=None, max_confidence=None)
+    cached = C3PO(rm, index, tok, **kwargs)
+    items = _items(4, 2)
+    weights = {name: p.detach().clone() for name, p in rm.model.named_parameters()}
+    attention = rm.model.model.layers[0].self_attn
+    saved_projection = attention.o_proj.weight
+    try:
+        before = cached.adapt(items)
+        cached.adapt(items)
+        assert cached.prefix_store.misses == len(cached.prefix_store)  # the second call: every row from the cache
+        store = cached.prefix_store
+        hits, misses = store.hits, store.misses
+        change(rm)
+        after = cached.adapt(items)
+        fresh = C3PO(rm, index, tok, prefix_cache_mib=0, **kwargs).adapt(items)
+        # emptied: every row of the call after the change recomputed, none taken from before
+        assert store.hits == hits and store.misses - misses == len(store) > 0
+    finally:
+        rm.reset()
+        attention.o_proj.weight = saved_projection
+        with torch.no_grad():
+            for name, p in rm.model.named_parameters():
+                p.copy_(weights[name])
+    assert torch.equal(after.neighbours, fresh.neighbours)
+    assert _omega_gap(after.pathway, fresh.pathway) <= 1e-5
+    assert _omega_gap(after.pathway, before.pathway) > 1e-4  # the change matters: stale state would show
+
+
+def test_prefix_cache_respects_its_memory_bound(olmoe_setup):
+    """A cache smaller than a batch's neighbours keeps at most its budget (least recently used dropped first) and
+    changes no result."""
+    rm, tok, index = olmoe_setup
+    kwargs = dict(critical_layers=1, core_experts=6, lr=0.3, min_gain=None, max_confidence=None)
+    unbounded = C3PO(rm, index, tok, **kwargs)
+    reference = [unbounded.adapt(_items(4, seed)) for seed in (2, 5)]
+    entry = max(e.nbytes for e in unbounded.prefix_store.entries.values())
+    budget = 3 * entry
+    bounded = C3PO(rm, index, tok, prefix_cache_mib=budget / 2**20, **kwargs)
+    for seed, expected in zip((2, 5), reference):
+        got = bounded.adapt(_items(4, seed))
+        store = bounded.prefix_store
+        assert store.max_bytes == budget and 0 < store.nbytes <= budget and len(store) <= 3
+        assert store.nbytes == sum(e.nbytes for e in store.entries.values())
+        assert _omega_gap(got.pathway, expected.pathway) <= 1e-5
+    assert len(unbounded.prefix_store) > 3  # the bound did bite
+
+
+def test_prefix_store_drops_the_least_recently_used_entry_first():
+    store = PrefixStore(max_bytes=3 * 4 * 10)
+
+    def entry():
+        return RowPrefix([torch.zeros(10)], [], None, False)  # 40 bytes
+
+    for key in "abc":
+        store.put((key,), entry())
+    assert store.get(("a",)) is not None  # a is now the most recent
+    store.put(("d",), entry())
+    assert list(store.entries) == [("c",), ("a",), ("d",)] and store.nbytes == 120
+    store.put(("big",), RowPrefix([torch.zeros(31)], [], None, False))  # larger than the whole budget: not kept
+    assert ("big",) not in store.entries and store.nbytes == 120
+    assert (store.hits, store.misses) == (1, 0)
+    with pytest.raises(ValueError, match="max_bytes"):
+        PrefixStore(max_bytes=-1)
+    with pytest.raises(ValueError, match="prefix_cache_mib"):
+        C3POConfig(prefix_cache_mib=-1.0)
+
+
+# ------------------------------------------------------------------ the one prompt forward records what C3PO reads
+
+
+def test_prompt_forward_records_only_the_last_column_and_the_hidden_mean(olmoe_setup):
+    """Same pathways, confidence and hidden-state query as recording every layer and token, with a recording
+    of ``[N, E]`` per MoE layer and ``[N, H]``: the full recording is over ``seq_len`` times larger."""
+    rm, tok, _ = olmoe_setup
+    prompts = [item["prompt"] for item in _items(3, 7)]
+    batch = prompt_batch(tok, prompts)
+    asked = []
+    hook = rm.model.register_forward_pre_hook(
+        lambda m, a, kw: asked.append(kw.get("output_hidden_states")), with_kwargs=True
+    )
+    try:
+        state = prompt_forward(rm, batch, hidden=True)
+    finally:
+        hook.remove()
+    assert asked == [None]  # not every layer's hidden states
+    position_ids = (batch.attention_mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad(), rm.trace() as trace:
+        out = rm.model(
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            position_ids=position_ids,
+            use_cache=False,
+            output_hidden_states=True,
+        )
+    full = torch.stack([trace.scores(layer)[:, -1].float() for layer in rm.moe_layers], dim=1)
+    assert torch.equal(state.pathways, full)
+    assert torch.equal(state.confidence, torch.softmax(out.logits[:, -1].float(), -1).max(-1).values)
+    assert torch.equal(state.embedding, HiddenStateEmbedder()(rm, tok, prompts))
+    rows, seq = batch.input_ids.shape
+    hidden_size = rm.model.config.hidden_size
+    assert state.recorded_bytes == 4 * rows * (len(rm.moe_layers) * rm.num_experts + hidden_size)
+    tensors = [t for records in trace.records.values() for r in records for t in (r.logits, r.indices, r.weights)]
+    full_bytes = sum(t.numel() * t.element_size() for t in [*tensors, *out.hidden_states])
+    assert full_bytes > seq * state.recorded_bytes

@@ -150,6 +150,39 @@ def prompt_state(rm: RoutedModel, tokenizer: Any, prompts: Sequence[str]) -> tup
     return state.pathways, state.confidence
 
 
+class ColumnScores:
+    """A routing recorder (``rm._recording``; :class:`~reroute.routing.trace.Trace`'s ``record`` protocol) that keeps
+    one token column of each MoE layer's router logits, ``[N, E]``, instead of every token: C3PO reads the routing
+    at the last prompt token only.
+
+    Args:
+        column: the column kept (negative counts from the end of the forward's sequence).
+    """
+
+    def __init__(self, column: int) -> None:
+        self.column = column
+        self.logits: dict[int, torch.Tensor] = {}
+        self._layers: dict[int, Any] = {}
+
+    def record(self, layer: Any, logits: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> None:
+        batch, seq = layer.context.batch_size, layer.context.seq_len
+        if batch is None or seq is None or batch * seq != logits.shape[0]:
+            batch, seq = 1, logits.shape[0]
+        # a copy of the one column: a view would keep the whole [N * T, E] logits alive
+        self.logits[layer.layer_idx] = logits.detach().view(batch, seq, -1)[:, self.column].clone()
+        self._layers[layer.layer_idx] = layer
+
+    def scores(self, layer: int) -> torch.Tensor:
+        """Per-expert routing scores ``[N, E]`` at the column (the family's rule: softmax, or sigmoid scores)."""
+        controller = self._layers[layer]
+        return controller.rule.scores(controller.router, self.logits[layer].to(controller.device))
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held (the kept logits)."""
+        return sum(t.numel() * t.element_size() for t in self.logits.values())
+
+
 @dataclass
 class PromptState:
     """What one forward of the prompts gives C3PO (all on CPU).
@@ -158,29 +191,48 @@ class PromptState:
         pathways: ``[N, L, E]`` per-expert routing scores at the last prompt token, every MoE layer.
         confidence: ``[N]`` the largest next-token probability at the last prompt token.
         embedding: ``[N, H]`` the :class:`HiddenStateEmbedder` embedding of the prompts, when asked for.
+        recorded_bytes: bytes the forward kept beside the model's own working memory (the routing at the last
+            prompt token; the hidden-state mean), the quantity ``benchmarks/bench_c3po.py`` reports.
     """
 
     pathways: torch.Tensor
     confidence: torch.Tensor
     embedding: torch.Tensor | None = None
+    recorded_bytes: int = 0
 
 
 def prompt_forward(rm: RoutedModel, batch: ContinuationBatch, hidden: bool = False) -> PromptState:
     """One forward of left-padded prompts ``batch`` (every last prompt token in the last column): pathways,
-    confidence and, with ``hidden``, the hidden-state embedding (equal to :class:`HiddenStateEmbedder`'s)."""
+    confidence and, with ``hidden``, the hidden-state embedding (equal to :class:`HiddenStateEmbedder`'s).
+
+    Keeps only what C3PO reads: the router logits of the last column (:class:`ColumnScores`), the next-token
+    logits of that column, and the mean of the final hidden states (taken from the decoder's output as it passes,
+    instead of asking the model for every layer's hidden states).
+    """
     batch = batch.to(rm.model.device)
     position_ids = (batch.attention_mask.cumsum(-1) - 1).clamp(min=0)
-    with torch.no_grad(), rm.trace() as trace:
-        out = rm.model(
-            input_ids=batch.input_ids,
-            attention_mask=batch.attention_mask,
-            position_ids=position_ids,
-            use_cache=False,
-            output_hidden_states=hidden,
-            logits_to_keep=1,  # left padding: the last column is every prompt's last token
-        )
-    column = batch.input_ids.shape[1] - 1
-    pathways = torch.stack([trace.scores(layer)[:, column].float().cpu() for layer in rm.moe_layers], dim=1)
+    recorder = ColumnScores(-1)
+    means: list[torch.Tensor] = []
+
+    def mean_hidden(module: torch.nn.Module, args: tuple, output: Any) -> None:
+        last = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
+        means.append(_mean_hidden(last, batch.attention_mask))
+
+    handle = rm.model.base_model.register_forward_hook(mean_hidden) if hidden else None
+    try:
+        with torch.no_grad(), rm._recording(recorder):
+            out = rm.model(
+                input_ids=batch.input_ids,
+                attention_mask=batch.attention_mask,
+                position_ids=position_ids,
+                use_cache=False,
+                logits_to_keep=1,  # left padding: the last column is every prompt's last token
+            )
+    finally:
+        if handle is not None:
+            handle.remove()
+    pathways = torch.stack([recorder.scores(layer).float().cpu() for layer in rm.moe_layers], dim=1)
     confidence = torch.softmax(out.logits[:, -1].float(), dim=-1).max(dim=-1).values.cpu()
-    embedding = _mean_hidden(out.hidden_states[-1], batch.attention_mask) if hidden else None
-    return PromptState(pathways, confidence, embedding)
+    embedding = means[0] if hidden else None
+    recorded = recorder.nbytes + (0 if embedding is None else embedding.numel() * embedding.element_size())
+    return PromptState(pathways, confidence, embedding, recorded)

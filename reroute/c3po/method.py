@@ -40,6 +40,7 @@ from reroute.c3po.surrogates import (
 )
 from reroute.data import Item
 from reroute.methods import RoutingMethod, register_method, repeat_rows
+from reroute.prefix import PrefixStore
 from reroute.scoring import ContinuationBatch, choice_batch, continuation_logprobs, gold_batch, prompt_batch
 
 
@@ -92,6 +93,8 @@ class C3PO(RoutingMethod):
         self.layers = critical_layers(rm, self.config.critical_layers)
         self.n_core = core_size(rm.num_experts, self.config.core_experts)
         self.layer_pos = [rm.moe_layers.index(layer) for layer in self.layers]
+        # the neighbours' prefix states across calls (neighbours recur from batch to batch)
+        self.prefix_store = PrefixStore(int(self.config.prefix_cache_mib * 2**20))
         if self.config.surrogate != "oracle":
             if index is None:
                 raise ValueError(f"surrogate {self.config.surrogate!r} needs a reference index")
@@ -203,11 +206,27 @@ class C3PO(RoutingMethod):
             stored = self.index.pathways[neighbours]  # [b, k, L_all, E]
             target = core_average(stored, self.layer_pos, sub_own.experts, self.layers, weights)
             result = kernel_regression(
-                self.rm, sub_own, target, batch, weights, positions, cfg.kernel_alphas, self._recompute
+                self.rm,
+                sub_own,
+                target,
+                batch,
+                weights,
+                positions,
+                cfg.kernel_alphas,
+                self._recompute,
+                self.prefix_store,
             )
         else:
             result = neighbourhood_gd(
-                self.rm, sub_own, batch, weights, positions, cfg.steps, cfg.lr, recompute=self._recompute
+                self.rm,
+                sub_own,
+                batch,
+                weights,
+                positions,
+                cfg.steps,
+                cfg.lr,
+                recompute=self._recompute,
+                store=self.prefix_store,
             )
         logits = {layer: own.logits[layer].clone() for layer in own.layers}
         for layer in own.layers:
@@ -222,6 +241,12 @@ class C3PO(RoutingMethod):
             backward_passes=result.backward_passes * share,
             extra={**result.extra, "items": float(len(todo))},
         )
+
+    def clear_prefix_cache(self) -> None:
+        """Drop the neighbours' prefix states kept across calls (``prefix_cache_mib``). Not needed after changes the
+        cache sees (weights updated in place or replaced, the model moved, routing state changed); needed after
+        editing weights through ``tensor.data``, which PyTorch does not track."""
+        self.prefix_store.clear()
 
     @property
     def _recompute(self) -> str:

@@ -12,17 +12,19 @@ from collections.abc import Sequence
 import torch
 
 from reroute.attach import RoutedModel
+from reroute.c3po.embed import ColumnScores
 from reroute.c3po.pathway import core_size, critical_layers, own_pathway
 from reroute.c3po.surrogates import SurrogateResult, neighbourhood_gd
 from reroute.scoring import ContinuationBatch, continuation_logprobs
 
 
 def base_scores(rm: RoutedModel, batch: ContinuationBatch, layers: Sequence[int]) -> dict[int, torch.Tensor]:
-    """Per-expert routing scores ``{layer: [B, E]}`` at each row's last prompt token, under the current routing."""
-    with torch.no_grad(), rm.trace() as trace:
+    """Per-expert routing scores ``{layer: [B, E]}`` at each row's last prompt token, under the current routing
+    (only that column is recorded)."""
+    recorder = ColumnScores(batch.prompt_len - 1)
+    with torch.no_grad(), rm._recording(recorder):
         continuation_logprobs(rm.model, batch)
-    column = batch.prompt_len - 1
-    return {layer: trace.scores(layer)[:, column] for layer in layers}
+    return {layer: recorder.scores(layer) for layer in layers}
 
 
 def optimise_oracle(

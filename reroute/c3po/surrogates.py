@@ -24,7 +24,7 @@ from reroute.attach import RoutedModel
 from reroute.c3po.config import RECOMPUTE
 from reroute.c3po.pathway import Pathway
 from reroute.frozen import frozen, frozen_weights
-from reroute.prefix import PrefixCache, SuffixScorer
+from reroute.prefix import PrefixCache, PrefixStore, SuffixScorer
 from reroute.scoring import ContinuationBatch, continuation_logprobs
 
 """What an optimisation step recomputes: ``suffix`` only the re-mixed position(s) and the continuation through the
@@ -137,11 +137,17 @@ def neighbour_loss(
 
 @contextmanager
 def neighbour_scorer(
-    rm: RoutedModel, neighbours: ContinuationBatch, layers: Sequence[int], positions: torch.Tensor, recompute: str
+    rm: RoutedModel,
+    neighbours: ContinuationBatch,
+    layers: Sequence[int],
+    positions: torch.Tensor,
+    recompute: str,
+    store: PrefixStore | None = None,
 ) -> Iterator[Callable[[], torch.Tensor]]:
     """``with neighbour_scorer(...) as score:`` ``score()`` gives ``continuation_logprobs(rm.model, neighbours)``
     ``[B * k]`` under the current routing, recomputing per call only what re-mixing ``layers`` at ``positions``
-    (``[R, n]`` absolute, ``-1`` pads) can change (see :data:`RECOMPUTE`). Model weights are frozen inside."""
+    (``[R, n]`` absolute, ``-1`` pads) can change (see :data:`RECOMPUTE`). Model weights are frozen inside.
+    ``store``: the neighbours' prefix states kept across calls (``suffix`` only)."""
     if recompute not in RECOMPUTE:
         raise ValueError(f"recompute must be one of {RECOMPUTE}, got {recompute!r}")
     valid = positions[positions >= 0]
@@ -149,7 +155,7 @@ def neighbour_scorer(
     first_layer = min(layers)
     with frozen_weights(rm.model), frozen(rm.offsets.parameters()):  # no gradient left on them
         if recompute == "suffix" and 0 < start < neighbours.prompt_len:
-            with SuffixScorer(rm, neighbours, first_layer, start) as score:
+            with SuffixScorer(rm, neighbours, first_layer, start, store) as score:
                 yield score
             return
 
@@ -205,15 +211,18 @@ def kernel_regression(
     positions: torch.Tensor,
     alphas: Sequence[float] = (0.0, 0.25, 0.5, 0.75, 1.0),
     recompute: str = "suffix",
+    store: PrefixStore | None = None,
 ) -> SurrogateResult:
     """Blend ``alpha * own + (1 - alpha) * kernel average`` (probabilities over the core) with ``alpha`` chosen per
-    item among ``alphas`` to minimise the neighbours' loss. ``alpha = 1`` is the base routing."""
+    item among ``alphas`` to minimise the neighbours' loss. ``alpha = 1`` is the base routing. ``store``: see
+    :func:`neighbour_scorer`."""
     alphas = sorted(set(float(a) for a in alphas) | {1.0})
     losses, candidates = [], []
     own = own.to_layers(rm)
     positions = positions.to(rm.layer(own.layers[0]).device)
     expansion = rm.row_expansion(weights.shape[-1])  # each item's k neighbours: consecutive rows
-    with torch.no_grad(), expansion, neighbour_scorer(rm, neighbours, own.layers, positions, recompute) as score:
+    scorer = neighbour_scorer(rm, neighbours, own.layers, positions, recompute, store)
+    with torch.no_grad(), expansion, scorer as score:
         for alpha in alphas:
             logits = {}
             for layer in own.layers:
@@ -249,6 +258,7 @@ def neighbourhood_gd(
     lr: float = 0.1,
     reuse_prefix: bool = True,
     recompute: str | None = None,
+    store: PrefixStore | None = None,
 ) -> SurrogateResult:
     """NGD: Adam on each item's mixing logits, minimising the kernel-weighted NLL of its neighbours' gold
     answers. Returns the iterate with the lowest neighbour loss per item (the start, i.e. base routing, included).
@@ -256,7 +266,7 @@ def neighbourhood_gd(
     ``recompute`` (default ``suffix``; ``full`` when ``reuse_prefix`` is False) says what each step recomputes, see
     :data:`RECOMPUTE`. Pathway, optimiser and loss stay on the critical layers' device; the loop reads nothing back
     to the host. Gradients are taken for the mixing logits only (``torch.autograd.grad``): no ``.grad`` is left on
-    the model's weights or the user's offsets.
+    the model's weights or the user's offsets. ``store``: see :func:`neighbour_scorer`.
     """
     recompute = recompute or ("suffix" if reuse_prefix else "full")
     own = own.to_layers(rm)
@@ -270,7 +280,7 @@ def neighbourhood_gd(
     best_loss = first = None
     forwards = backwards = 0
     expansion = rm.row_expansion(weights.shape[-1])  # each item's k neighbours: consecutive rows
-    with expansion, neighbour_scorer(rm, neighbours, own.layers, positions, recompute) as score:
+    with expansion, neighbour_scorer(rm, neighbours, own.layers, positions, recompute, store) as score:
         for step in range(steps + 1):
             with torch.set_grad_enabled(step < steps):
                 loss = neighbour_loss(rm, working, neighbours, weights, positions, score)
