@@ -207,6 +207,8 @@ def test_gate_abstains_and_abstaining_items_route_exactly_as_base(setup):
     c3po = C3PO(rm, index, tok, surrogate="kernel", critical_layers=2, core_experts=6, min_agreement=2.0)
     adaptation = c3po.adapt(test)
     assert adaptation.abstained.all() and adaptation.stats["abstained"] == 1.0
+    expected = ["confidence" if c >= 0.99 else "agreement" for c in adaptation.confidence.tolist()]
+    assert adaptation.gates == expected and "agreement" in expected  # the first gate that fired, per item
     assert adaptation.agreement.shape == adaptation.gain.shape == (5,) and (adaptation.agreement < 2.0).all()
     base = reroute.scoring.choice_batch(tok, test)[0]
     with torch.no_grad():
@@ -232,6 +234,7 @@ def test_confidence_gate_keeps_base_routing_where_the_model_is_sure(setup):
     threshold = float(expected.median())
     gated = C3PO(rm, index, tok, max_confidence=threshold, **options).adapt(test)
     assert gated.abstained.tolist() == (expected >= threshold).tolist() and gated.abstained.any()
+    assert gated.gates == ["confidence" if c >= threshold else None for c in expected.tolist()]
     oracle = C3PO(rm, None, tok, surrogate="oracle", critical_layers=2, core_experts=6, steps=1, max_confidence=1e-9)
     assert not oracle.adapt(test).abstained.any()  # the upper bound is never gated
     with pytest.raises(ValueError, match="max_confidence"):
@@ -305,3 +308,36 @@ def test_c3po_through_the_harness(setup):
         result = run_eval(rm, tok, test, method, split="toy", mode="mc", batch_size=3, progress=False)
         assert result.n == 6 and result.stats["forward_passes"] > 1
         assert 0.0 <= result.stats["abstained"] <= 1.0
+
+
+def test_harness_reports_per_item_gates_and_their_inputs(setup):
+    from reroute.eval import make_method, run_eval
+
+    rm, tok, index, _ = setup
+    test = _items(6, 5)
+    options = dict(surrogate="ngd", critical_layers=2, core_experts=6, steps=2, min_gain=None)
+    adaptation = C3PO(rm, index, tok, **options).adapt(test[:3])
+    threshold = float(adaptation.confidence.median())
+    options["max_confidence"] = threshold
+    spec = make_method("c3po", index=index, **options)
+    result = run_eval(rm, tok, test, spec, batch_size=3, progress=False)
+    c3po = spec.build(rm, tok)
+    expected = [g for start in (0, 3) for g in c3po.adapt(test[start : start + 3]).gates]
+    assert result.gates == expected and "confidence" in expected and None in expected
+    confidence = result.gate_inputs["confidence"]
+    assert [g == "confidence" for g in result.gates] == [c >= threshold for c in confidence]
+    assert len(result.gate_inputs["gain"]) == len(result.gate_inputs["agreement"]) == 6
+    assert result.stats["abstained"] == pytest.approx(expected.count("confidence") / 6)
+    base = run_eval(rm, tok, test, make_method("base"), progress=False)
+    assert base.gates == [] and base.gate_inputs == {}  # no gate to report
+
+
+def test_split_and_stacked_states_keep_their_gates(setup):
+    rm, tok, index, _ = setup
+    c3po = C3PO(rm, index, tok, surrogate="kernel", critical_layers=2, core_experts=6, min_agreement=0.5)
+    adaptation = c3po.adapt(_items(4, 6))
+    rows = c3po.split_state(adaptation, 4)
+    assert [r.gates[0] for r in rows] == adaptation.gates
+    stacked = c3po.stack_states(rows)
+    assert stacked.gates == adaptation.gates and torch.equal(stacked.confidence, adaptation.confidence)
+    assert c3po.gate_report(stacked)["gate"] == adaptation.gates

@@ -1,4 +1,5 @@
-"""Fitting an amortised routing adapter: per-layer router-logit offsets learned once on a reference set.
+"""Amortised routing adapters: per-layer router-logit offsets learned once on a reference set, and the ``adapter``
+evaluation method that serves them (alone or under another method).
 
 RoMA (arXiv 2511.07419) shows that routing learned offline on successful reference samples carries most of
 test-time routing adaptation's gain at no inference cost. The adapter here is the smallest such form: one additive
@@ -9,22 +10,25 @@ items' gold answers, the model's weights frozen. It is saved and loaded as ordin
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import hashlib
 import json
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
-from reroute.adapters.config import AdapterConfig
+from reroute.adapters.config import AdapterConfig, AdapterMethodConfig
 from reroute.attach import RoutedModel
 from reroute.data import Item, gold_text
 from reroute.frozen import frozen_weights
-from reroute.scoring import build_batch, continuation_logprobs, encode_pair
+from reroute.methods import RoutingMethod, get_method, register_method
+from reroute.scoring import ContinuationBatch, build_batch, continuation_logprobs, encode_pair
 
 FIT_RECORD = "adapter_fit.json"
 """File written beside the routing state by :meth:`AdapterFit.save_pretrained`: the config and the fit's losses."""
@@ -153,3 +157,178 @@ def fit_adapter(
         items=len(items),
         seconds=time.perf_counter() - start,
     )
+
+
+def load_adapter(
+    rm: RoutedModel, source: str | Path | AdapterFit | Mapping[int, torch.Tensor]
+) -> dict[int, torch.Tensor]:
+    """An adapter's offsets ``{layer: [E]}`` (float32, on each layer's device) from a folder written by
+    :meth:`AdapterFit.save_pretrained` / ``rm.save_pretrained`` (offsets only), an :class:`AdapterFit`, or a mapping.
+    Checked against ``rm`` (family, architecture, layers, shapes); ``rm`` is not changed."""
+    from reroute.pretrained import _check_fingerprint, read_pretrained
+
+    if isinstance(source, AdapterFit):
+        values = dict(source.offsets)
+    elif isinstance(source, Mapping):
+        values = dict(source)
+    else:
+        directory = Path(source)
+        config, tensors = read_pretrained(directory)
+        _check_fingerprint(rm, config, directory)
+        other = [key for key in ("row_offsets", "policies", "masks", "mixing") if config.state.get(key)]
+        if other:
+            raise ValueError(
+                f"{directory} holds routing state besides layer offsets ({', '.join(other)}); an adapter is offsets "
+                "only: save it from a model with nothing else set"
+            )
+        values = {idx: tensors[f"offsets.{idx}"] for idx in rm.moe_layers if f"offsets.{idx}" in tensors}
+    offsets = {}
+    for idx, value in values.items():
+        layer = rm.layer(int(idx))
+        value = torch.as_tensor(value)
+        if value.shape != (layer.num_experts,) or not value.is_floating_point() or not bool(value.isfinite().all()):
+            raise ValueError(
+                f"adapter offsets for layer {idx} must be finite floats of shape [{layer.num_experts}], got "
+                f"{value.dtype} {tuple(value.shape)}"
+            )
+        offsets[layer.layer_idx] = value.to(device=layer.device, dtype=torch.float32)
+    return offsets
+
+
+def testbed_adapter(rm: RoutedModel, tokenizer: Any, config: AdapterMethodConfig) -> Path:
+    """The adapter fitted with ``config`` on ``config.reference_size`` items of the testbed's ``reference`` split
+    (seed ``config.seed``), cached under ``~/.cache/reroute`` per config and model; returns its folder. ``rm``'s
+    routing state is as it was afterwards."""
+    from reroute.pretrained import _restore, _snapshot
+    from reroute.testbed.reference import cache_folder, fingerprint_key, is_testbed
+    from reroute.testbed.suite import make_split
+
+    if not is_testbed(rm):
+        raise ValueError(
+            "the adapter method needs adapter=<folder written by AdapterFit.save_pretrained> on a model other than "
+            "the testbed (the testbed's reference set fits the testbed only)"
+        )
+    fit_config = config.fit_config()
+    key = json.dumps([dataclasses.asdict(fit_config), config.reference_size], sort_keys=True, default=str)
+    folder = cache_folder() / f"testbed-adapter-{hashlib.sha256(key.encode()).hexdigest()[:12]}-{fingerprint_key(rm)}"
+    if (folder / FIT_RECORD).is_file():
+        return folder
+    snapshot = _snapshot(rm)
+    try:
+        rm.reset()  # the adapter is fitted from the model's own routing: a delta over zero state
+        fit = fit_adapter(rm, tokenizer, make_split("reference", n=config.reference_size, seed=config.seed), fit_config)
+        fit.save_pretrained(rm, folder)
+    finally:
+        _restore(snapshot)
+    return folder
+
+
+class Adapter(RoutingMethod):
+    """A fitted adapter's offsets added to the layer offsets while an inner registered method (``config.inner``)
+    adapts, scores and generates on top of them; the offsets are as they were afterwards.
+
+    With ``inner="base"`` this is the adapter alone: the model's own forward with fixed offsets, no per-item work (the
+    same cost, and under ``torch.compile`` the same graph, as zero state). ``inner="c3po"`` is C3PO on the adapter:
+    its own pathway, confidence and surrogate all see the adapted routing (its reference index is built from the
+    model's own routing).
+
+    Resource ``adapter``: a folder written by :meth:`AdapterFit.save_pretrained`, an :class:`AdapterFit` or
+    ``{layer: [E]}``; default on the testbed: one fitted with the config's fit fields (cached). The inner method's
+    own resources go in ``inner_options`` (on the testbed an inner C3PO gets ``index="testbed"`` unless given).
+    """
+
+    resources: ClassVar[dict[str, str]] = {
+        "adapter": "the adapter: a folder written by AdapterFit.save_pretrained (default on the testbed: fit one)",
+    }
+
+    def __init__(self, rm: RoutedModel, inner: RoutingMethod, offsets: Mapping[int, torch.Tensor],
+                 config: AdapterMethodConfig | None = None) -> None:  # fmt: skip
+        self.rm, self.inner, self.config = rm, inner, config or AdapterMethodConfig()
+        self.offsets = dict(offsets)
+
+    @staticmethod
+    def _inner_options(config: AdapterMethodConfig) -> tuple[Any, dict[str, Any]]:
+        """The inner method's ``(config, resources)`` from ``config.inner_options`` (checked, nothing loaded)."""
+        entry = get_method(config.inner)
+        fields, resources = entry.split_options(dict(config.inner_options))
+        inner_config = entry.make_config(fields)
+        if "index" in entry.method_cls.resources and "index" not in resources:
+            resources["index"] = "testbed"
+        entry.method_cls.check_options(inner_config, resources)
+        return inner_config, resources
+
+    @classmethod
+    def from_config(cls, rm: RoutedModel, tokenizer: Any, config: AdapterMethodConfig, adapter: Any = None) -> Adapter:
+        inner_config, resources = cls._inner_options(config)
+        inner = get_method(config.inner).method_cls.from_config(rm, tokenizer, inner_config, **resources)
+        inner.name = config.inner
+        source = testbed_adapter(rm, tokenizer, config) if adapter is None else adapter
+        return cls(rm, inner, load_adapter(rm, source), config)
+
+    @classmethod
+    def check_options(cls, config: AdapterMethodConfig, resources: dict[str, Any]) -> None:
+        cls._inner_options(config)  # a bad inner method or option fails here, before any model work
+        adapter = resources.get("adapter")
+        if isinstance(adapter, (str, Path)) and not Path(adapter).is_dir():
+            raise FileNotFoundError(f"no adapter folder {adapter}")
+
+    @classmethod
+    def reads_labels(cls, config: AdapterMethodConfig) -> bool:
+        return get_method(config.inner).method_cls.reads_labels(cls._inner_options(config)[0])
+
+    @property
+    def stats(self) -> dict[str, float]:
+        return self.inner.stats
+
+    @property
+    def batch_adapt(self) -> bool:
+        return self.inner.batch_adapt
+
+    @property
+    def reports_ties(self) -> bool:  # type: ignore[override]
+        return self.inner.reports_ties
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[None]:
+        """The adapter's offsets added to the current layer offsets, which are put back exactly on exit."""
+        saved = {idx: self.rm.layer(idx).offsets.detach().clone() for idx in self.offsets}
+        self.rm.set_offsets({idx: saved[idx] + delta for idx, delta in self.offsets.items()})
+        try:
+            yield
+        finally:
+            self.rm.set_offsets(saved)
+
+    def adapt_contexts(self, items: Sequence[Item], prompts: ContinuationBatch) -> Any:
+        with self.installed():
+            return self.inner.adapt_contexts(items, prompts)
+
+    def split_state(self, state: Any, rows: int) -> list[Any]:
+        return self.inner.split_state(state, rows)
+
+    def stack_states(self, states: Sequence[Any]) -> Any:
+        return self.inner.stack_states(states)
+
+    def gate_report(self, state: Any) -> dict[str, list[Any]] | None:
+        return self.inner.gate_report(state)
+
+    @contextlib.contextmanager
+    def applied(self, state: Any, batch: ContinuationBatch) -> Iterator[None]:
+        with self.installed(), self.inner.applied(state, batch):
+            yield
+
+    def next_token_logits(self, batch: ContinuationBatch, state: Any) -> torch.Tensor:
+        with self.installed():
+            return self.inner.next_token_logits(batch, state)
+
+    def next_token_logprobs(self, batch: ContinuationBatch, state: Any) -> torch.Tensor:
+        with self.installed():
+            return self.inner.next_token_logprobs(batch, state)
+
+    def generate_from(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, state: Any = None, **generate_kwargs: Any
+    ) -> Any:
+        with self.installed():
+            return self.inner.generate_from(input_ids, attention_mask, state, **generate_kwargs)
+
+
+register_method("adapter", AdapterMethodConfig, Adapter)

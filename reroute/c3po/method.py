@@ -58,6 +58,8 @@ class Adaptation:
         confidence: ``[B]`` the base model's largest next-token probability at the last prompt token, the quantity
             the ``max_confidence`` gate reads.
         stats: per-batch cost (forward/backward passes over the batch, seconds) and surrogate diagnostics.
+        gates: per item, the gate that kept the base routing (the first of :data:`GATES` that fired, in that order)
+            or ``None`` where the item was adapted.
     """
 
     pathway: Pathway
@@ -67,6 +69,12 @@ class Adaptation:
     gain: torch.Tensor | None = None
     agreement: torch.Tensor | None = None
     confidence: torch.Tensor | None = None
+    gates: list[str | None] | None = None
+
+
+GATES = ("confidence", "agreement", "gain")
+"""C3PO's do-no-harm gates in the order they are checked (``max_confidence``, ``min_agreement``, ``min_gain``); an
+item's reported gate is the first that fired (the confidence gate skips the surrogate, so its gain is 0 too)."""
 
 
 class C3PO(RoutingMethod):
@@ -170,13 +178,14 @@ class C3PO(RoutingMethod):
         finally:
             self.rm.clear_mixing(self.layers)
         gain = _relative_gain(result)
-        abstained = self._gate(gain, agreement, confidence)
+        gates = self._gate(gain, agreement, confidence)
+        abstained = torch.tensor([g is not None for g in gates], dtype=torch.bool)
         stats["forward_passes"] += result.forward_passes
         stats["backward_passes"] += result.backward_passes
         stats["seconds"] = time.perf_counter() - start
         stats["abstained"] = float(abstained.float().mean())
         stats.update(result.extra)
-        return Adaptation(result.pathway, abstained, neighbours, stats, gain, agreement.cpu(), confidence)
+        return Adaptation(result.pathway, abstained, neighbours, stats, gain, agreement.cpu(), confidence, gates)
 
     def _skips(self, confidence: torch.Tensor) -> torch.Tensor:
         """Bool ``[B]``: items whose confidence gate fires before any surrogate work (they keep the base routing
@@ -259,18 +268,20 @@ class C3PO(RoutingMethod):
         n = min(self.config.last_tokens, prompt_len)
         return torch.arange(prompt_len - n, prompt_len)[None]
 
-    def _gate(self, gain: torch.Tensor, agreement: torch.Tensor, confidence: torch.Tensor) -> torch.Tensor:
+    def _gate(self, gain: torch.Tensor, agreement: torch.Tensor, confidence: torch.Tensor) -> list[str | None]:
+        """Per item, the first of :data:`GATES` that fired (the item keeps the base routing), ``None`` elsewhere."""
         cfg = self.config
-        abstain = torch.zeros(len(agreement), dtype=torch.bool)
+        rows = len(agreement)
+        fired = {name: torch.zeros(rows, dtype=torch.bool) for name in GATES}
         if cfg.surrogate == "official":  # the authors' released code has no gate
-            return abstain
+            return [None] * rows
         if cfg.max_confidence is not None and cfg.surrogate != "oracle":
-            abstain |= confidence >= cfg.max_confidence
+            fired["confidence"] = confidence.cpu() >= cfg.max_confidence
         if cfg.min_agreement is not None:
-            abstain |= agreement.cpu() < cfg.min_agreement
+            fired["agreement"] = agreement.cpu() < cfg.min_agreement
         if cfg.min_gain is not None and cfg.surrogate in ("ngd", "kernel"):
-            abstain |= gain <= cfg.min_gain
-        return abstain
+            fired["gain"] = gain <= cfg.min_gain
+        return [next((name for name in GATES if bool(fired[name][i])), None) for i in range(rows)]
 
     # --------------------------------------------------------------------------------------------- apply
     def apply(self, adaptation: Adaptation, prompt_len: int, total_len: int | None = None) -> None:
@@ -423,8 +434,20 @@ class C3PO(RoutingMethod):
         return adaptation
 
     def split_state(self, state: Adaptation, rows: int) -> list[Adaptation]:
+        def row(values: torch.Tensor | None, i: int) -> torch.Tensor | None:
+            return None if values is None else values[i : i + 1]
+
         return [
-            Adaptation(state.pathway.select([i]), state.abstained[i : i + 1], state.neighbours[i : i + 1], state.stats)
+            Adaptation(
+                state.pathway.select([i]),
+                state.abstained[i : i + 1],
+                state.neighbours[i : i + 1],
+                state.stats,
+                row(state.gain, i),
+                row(state.agreement, i),
+                row(state.confidence, i),
+                None if state.gates is None else state.gates[i : i + 1],
+            )
             for i in range(rows)
         ]
 
@@ -435,9 +458,34 @@ class C3PO(RoutingMethod):
             {layer: torch.cat([s.pathway.experts[layer] for s in states]) for layer in first.layers},
             {layer: torch.cat([s.pathway.logits[layer] for s in states]) for layer in first.layers},
         )
+
+        def cat(name: str) -> torch.Tensor | None:
+            values = [getattr(s, name) for s in states]
+            return None if any(v is None for v in values) else torch.cat(values)
+
+        gates = None if any(s.gates is None for s in states) else [g for s in states for g in s.gates]
         return Adaptation(
-            pathway, torch.cat([s.abstained for s in states]), torch.cat([s.neighbours for s in states]), {}
+            pathway,
+            torch.cat([s.abstained for s in states]),
+            torch.cat([s.neighbours for s in states]),
+            {},
+            cat("gain"),
+            cat("agreement"),
+            cat("confidence"),
+            gates,
         )
+
+    def gate_report(self, state: Adaptation) -> dict[str, list[Any]] | None:
+        """Per item: ``gate`` (the gate that kept the base routing, ``None`` where adapted) and what the gates read
+        (``confidence``, ``gain``, ``agreement``)."""
+        if state.gates is None:
+            return None
+        report: dict[str, list[Any]] = {"gate": list(state.gates)}
+        for name in ("confidence", "gain", "agreement"):
+            values = getattr(state, name)
+            if values is not None:
+                report[name] = [float(v) for v in values.reshape(-1)]
+        return report
 
     @contextlib.contextmanager
     def applied(self, state: Adaptation | None, batch: ContinuationBatch) -> Iterator[None]:
