@@ -12,7 +12,7 @@ import reroute
 from reroute.c3po import C3PO, C3POConfig, ReferenceIndex, ReferenceIndexError
 from reroute.c3po.embed import make_embedder, prompt_pathways
 from reroute.c3po.pathway import Pathway, own_pathway
-from reroute.c3po.surrogates import core_average, kernel_weights, mode_finding, neighbour_loss
+from reroute.c3po.surrogates import core_average, holdout_gain, kernel_weights, mode_finding, neighbour_loss
 from reroute.data import item_key
 from reroute.scoring import gold_batch
 from reroute.testing import tiny_model, tiny_tokenizer
@@ -341,3 +341,26 @@ def test_split_and_stacked_states_keep_their_gates(setup):
     stacked = c3po.stack_states(rows)
     assert stacked.gates == adaptation.gates and torch.equal(stacked.confidence, adaptation.confidence)
     assert c3po.gate_report(stacked)["gate"] == adaptation.gates
+
+
+def test_holdout_gain_by_hand():
+    weights = torch.full((2, 3), 1 / 3)
+    # candidate 0 helps neighbours 0 and 1 but hurts 2; candidate 1 is the base routing (loss 2 everywhere)
+    table = torch.tensor([[[1.0, 1.0, 5.0], [2.0, 2.0, 2.0]], [[1.0, 1.0, 1.0], [2.0, 2.0, 2.0]]])
+    # item 0: without 0 or 1 the base wins (no change); without 2, candidate 0 is chosen and scores 5 on it
+    # item 1: every held-out choice is candidate 0, which lowers each held-out loss from 2 to 1
+    torch.testing.assert_close(holdout_gain(table, weights, base=1), torch.tensor([(-3 / 3) / 2, (3 / 3) / 2]))
+    assert holdout_gain(table[:, :, :1], weights[:, :1], base=1).tolist() == [0.0, 0.0]  # one neighbour: no check
+
+
+def test_holdout_gate_keeps_base_routing_where_the_leave_one_out_check_fails(setup):
+    rm, tok, index, _ = setup
+    test = _items(6, 8)
+    options = dict(surrogate="kernel", critical_layers=2, core_experts=6, max_confidence=None, min_gain=None)
+    free = C3PO(rm, index, tok, **options).adapt(test)
+    assert free.holdout_gain.shape == (6,) and free.gates == [None] * 6
+    threshold = float(free.holdout_gain.median())
+    gated = C3PO(rm, index, tok, min_holdout_gain=threshold, **options).adapt(test)
+    assert gated.gates == ["holdout" if g <= threshold else None for g in free.holdout_gain.tolist()]
+    assert "holdout" in gated.gates and None in gated.gates
+    assert C3PO(rm, index, tok, **{**options, "surrogate": "ngd", "steps": 1}).adapt(test).holdout_gain is None

@@ -43,6 +43,13 @@ class C3POConfig:
     min_gain: float | None = field(
         default=0.0, metadata={"help": "gate: keep base routing when the neighbours' loss falls by less (relative)"}
     )
+    min_holdout_gain: float | None = field(
+        default=None,
+        metadata={
+            "help": "gate (kernel): keep base routing unless the leave-one-out check over the neighbours (choose the "
+            "blend on k-1, score the held-out one) lowers their loss by more than this (relative; None: off)"
+        },
+    )
     max_confidence: float | None = field(
         default=0.99,
         metadata={

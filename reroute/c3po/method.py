@@ -58,6 +58,9 @@ class Adaptation:
         confidence: ``[B]`` the base model's largest next-token probability at the last prompt token, the quantity
             the ``max_confidence`` gate reads.
         stats: per-batch cost (forward/backward passes over the batch, seconds) and surrogate diagnostics.
+        holdout_gain: ``[B]`` the leave-one-out check over the neighbours (kernel regression; see
+            :func:`~reroute.c3po.surrogates.holdout_gain`), the quantity the ``min_holdout_gain`` gate reads; ``None``
+            for the other surrogates.
         gates: per item, the gate that kept the base routing (the first of :data:`GATES` that fired, in that order)
             or ``None`` where the item was adapted.
     """
@@ -70,11 +73,13 @@ class Adaptation:
     agreement: torch.Tensor | None = None
     confidence: torch.Tensor | None = None
     gates: list[str | None] | None = None
+    holdout_gain: torch.Tensor | None = None
 
 
-GATES = ("confidence", "agreement", "gain")
-"""C3PO's do-no-harm gates in the order they are checked (``max_confidence``, ``min_agreement``, ``min_gain``); an
-item's reported gate is the first that fired (the confidence gate skips the surrogate, so its gain is 0 too)."""
+GATES = ("confidence", "agreement", "gain", "holdout")
+"""C3PO's do-no-harm gates in the order they are checked (``max_confidence``, ``min_agreement``, ``min_gain``,
+``min_holdout_gain``); an item's reported gate is the first that fired (the confidence gate skips the surrogate, so
+its gains are 0 too)."""
 
 
 class C3PO(RoutingMethod):
@@ -178,14 +183,16 @@ class C3PO(RoutingMethod):
         finally:
             self.rm.clear_mixing(self.layers)
         gain = _relative_gain(result)
-        gates = self._gate(gain, agreement, confidence)
+        gates = self._gate(gain, agreement, confidence, result.holdout_gain)
         abstained = torch.tensor([g is not None for g in gates], dtype=torch.bool)
         stats["forward_passes"] += result.forward_passes
         stats["backward_passes"] += result.backward_passes
         stats["seconds"] = time.perf_counter() - start
         stats["abstained"] = float(abstained.float().mean())
         stats.update(result.extra)
-        return Adaptation(result.pathway, abstained, neighbours, stats, gain, agreement.cpu(), confidence, gates)
+        return Adaptation(
+            result.pathway, abstained, neighbours, stats, gain, agreement.cpu(), confidence, gates, result.holdout_gain
+        )
 
     def _skips(self, confidence: torch.Tensor) -> torch.Tensor:
         """Bool ``[B]``: items whose confidence gate fires before any surrogate work (they keep the base routing
@@ -202,7 +209,8 @@ class C3PO(RoutingMethod):
         rows = len(skip)
         before, after = torch.zeros(rows), torch.zeros(rows)
         if len(todo) == 0:
-            return SurrogateResult(own, before, after, extra={"items": 0.0})
+            holdout = torch.zeros(rows) if cfg.surrogate == "kernel" else None
+            return SurrogateResult(own, before, after, extra={"items": 0.0}, holdout_gain=holdout)
         sub_own = own.select(todo)
         neighbours = found.ids[todo]
         weights = kernel_weights(found.similarity[todo], cfg.kernel, cfg.bandwidth)
@@ -221,6 +229,10 @@ class C3PO(RoutingMethod):
         for layer in own.layers:
             logits[layer][todo] = result.pathway.logits[layer].to(logits[layer].device)
         before[todo], after[todo] = result.loss_before.float(), result.loss_after.float()
+        holdout = None
+        if result.holdout_gain is not None:
+            holdout = torch.zeros(rows)
+            holdout[todo] = result.holdout_gain.float()
         share = cfg.k * len(todo) / rows
         return SurrogateResult(
             Pathway(list(own.layers), own.experts, logits),
@@ -229,6 +241,7 @@ class C3PO(RoutingMethod):
             forward_passes=result.forward_passes * share,
             backward_passes=result.backward_passes * share,
             extra={**result.extra, "items": float(len(todo))},
+            holdout_gain=holdout,
         )
 
     @property
@@ -268,7 +281,9 @@ class C3PO(RoutingMethod):
         n = min(self.config.last_tokens, prompt_len)
         return torch.arange(prompt_len - n, prompt_len)[None]
 
-    def _gate(self, gain: torch.Tensor, agreement: torch.Tensor, confidence: torch.Tensor) -> list[str | None]:
+    def _gate(
+        self, gain: torch.Tensor, agreement: torch.Tensor, confidence: torch.Tensor, holdout: torch.Tensor | None
+    ) -> list[str | None]:
         """Per item, the first of :data:`GATES` that fired (the item keeps the base routing), ``None`` elsewhere."""
         cfg = self.config
         rows = len(agreement)
@@ -281,6 +296,8 @@ class C3PO(RoutingMethod):
             fired["agreement"] = agreement.cpu() < cfg.min_agreement
         if cfg.min_gain is not None and cfg.surrogate in ("ngd", "kernel"):
             fired["gain"] = gain <= cfg.min_gain
+        if cfg.min_holdout_gain is not None and holdout is not None:
+            fired["holdout"] = holdout <= cfg.min_holdout_gain
         return [next((name for name in GATES if bool(fired[name][i])), None) for i in range(rows)]
 
     # --------------------------------------------------------------------------------------------- apply
@@ -447,6 +464,7 @@ class C3PO(RoutingMethod):
                 row(state.agreement, i),
                 row(state.confidence, i),
                 None if state.gates is None else state.gates[i : i + 1],
+                row(state.holdout_gain, i),
             )
             for i in range(rows)
         ]
@@ -473,15 +491,16 @@ class C3PO(RoutingMethod):
             cat("agreement"),
             cat("confidence"),
             gates,
+            cat("holdout_gain"),
         )
 
     def gate_report(self, state: Adaptation) -> dict[str, list[Any]] | None:
         """Per item: ``gate`` (the gate that kept the base routing, ``None`` where adapted) and what the gates read
-        (``confidence``, ``gain``, ``agreement``)."""
+        (``confidence``, ``gain``, ``agreement``; ``holdout_gain`` for kernel regression)."""
         if state.gates is None:
             return None
         report: dict[str, list[Any]] = {"gate": list(state.gates)}
-        for name in ("confidence", "gain", "agreement"):
+        for name in ("confidence", "gain", "agreement", "holdout_gain"):
             values = getattr(state, name)
             if values is not None:
                 report[name] = [float(v) for v in values.reshape(-1)]
