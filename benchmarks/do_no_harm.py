@@ -98,7 +98,7 @@ def run_cells(args: argparse.Namespace) -> None:
                     name, options = METHODS[label]
                     options = {**options, **settings.get(label, {})}
                     if name == "adapter":  # fitted on this seed's reference items
-                        options.setdefault("seed", seed)
+                        options["fit"] = {"seed": seed, **options.get("fit", {})}
                     c3po = options if name == "c3po" else options.get("inner_options", {})
                     if name == "c3po" or options.get("inner") == "c3po":
                         # the reference set of this seed, its items answered right in this mode
@@ -200,6 +200,7 @@ def table_markdown(rows: Sequence[dict[str, Any]]) -> str:
             per_seed = " / ".join(
                 f"{e['vs_base']['difference'] * 100:+.1f}" + ("*" if e["vs_base"]["ci95"][1] < 0 else "")
                 for e in row["seeds"].values()
+                if "vs_base" in e
             )
         gates = ", ".join(f"{k} {100 * v:.0f}%" for k, v in row.get("gates", {}).items())
         lines.append(f"| {row['method']} | {row['mode']} | {row['split']} | {row['n']} | {acc} | {diff} | "
@@ -220,6 +221,43 @@ def write_table(out: Path) -> list[dict[str, Any]]:
     return rows
 
 
+FIRES = {"confidence": np.greater_equal, "gain": np.less_equal, "holdout_gain": np.less_equal, "agreement": np.less}
+"""How each gate input fires a stricter gate at threshold ``t`` (as the method's own gate does)."""
+
+
+def sweep(out: Path, label: str, gate_input: str, thresholds: Sequence[float], seeds: Sequence[int]) -> str:
+    """Post-hoc stricter gates on ``label``'s recorded cells: an item whose ``gate_input`` fires at threshold ``t``
+    keeps the base routing, so it answers as base did (exact: an abstaining item routes exactly as base). Rows per
+    threshold and mode, columns the splits: the paired difference to base pooled over ``seeds``."""
+    cells = {(c["label"], c["mode"], c["split"], c["seed"]): c for c in load_cells(out)}
+    lines = [f"{label}: gate on {gate_input}, seeds {list(seeds)}", "| mode | threshold | " + " | ".join(SPLITS) + " |",
+             "|---|---|" + "---|" * len(SPLITS)]  # fmt: skip
+    for mode in ("mc", "gen"):
+        for t in thresholds:
+            entries = []
+            for split in SPLITS:
+                gated, base = [], []
+                for seed in seeds:
+                    cell, ref = cells.get((label, mode, split, seed)), cells.get(("base", mode, split, seed))
+                    if cell is None or ref is None:
+                        continue
+                    fires = FIRES[gate_input](np.asarray(cell["gate_inputs"][gate_input]), t)
+                    kept = [g is not None or bool(f) for g, f in zip(cell["gates"], fires)]
+                    gated += [b if k else c for k, b, c in zip(kept, ref["correct"], cell["correct"])]
+                    base += ref["correct"]
+                if not gated:
+                    entries.append("")
+                    continue
+                d = paired_difference(gated, base)
+                star = "*" if d["ci95"][1] < 0 else ""
+                entries.append(
+                    f"{100 * d['difference']:+.1f} [{100 * d['ci95'][0]:+.1f}, {100 * d['ci95'][1]:+.1f}]{star}"
+                )
+            if any(entries):
+                lines.append(f"| {mode} | {t:g} | " + " | ".join(entries) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--methods", default=",".join(METHODS), help=f"labels among {', '.join(METHODS)}")
@@ -231,7 +269,17 @@ def main() -> None:
     parser.add_argument("--set", action="append", help="LABEL.KEY=VALUE option of a study label (repeatable)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--table-only", action="store_true")
+    parser.add_argument(
+        "--sweep",
+        nargs=3,
+        metavar=("LABEL", "INPUT", "THRESHOLDS"),
+        help="post-hoc stricter gate on recorded cells, e.g. c3po-kernel holdout_gain 0,0.05 (no new runs)",
+    )
     args = parser.parse_args()
+    if args.sweep:
+        label, gate_input, thresholds = args.sweep
+        print(sweep(args.out, label, gate_input, [float(t) for t in thresholds.split(",")], args.seeds))
+        return
     unknown = [m for m in args.methods.split(",") if m not in METHODS]
     if unknown:
         raise SystemExit(f"unknown labels {unknown}; choose from {', '.join(METHODS)}")

@@ -107,10 +107,11 @@ def test_index_errors(setup, tmp_path):
 
 def test_ngd_lowers_the_neighbours_loss(setup):
     rm, tok, index, _ = setup
-    c3po = C3PO(rm, index, tok, surrogate="ngd", critical_layers=2, core_experts=6, steps=8, lr=0.3, min_gain=None)
+    options = dict(surrogate="ngd", critical_layers=2, core_experts=6, min_gain=None, max_typicality=None)
+    c3po = C3PO(rm, index, tok, steps=8, lr=0.3, **options)
     test = _items(6, 2)
     adaptation = c3po.adapt(test)
-    own = C3PO(rm, index, tok, surrogate="ngd", critical_layers=2, core_experts=6, steps=0, min_gain=None).adapt(test)
+    own = C3PO(rm, index, tok, steps=0, **options).adapt(test)
     after = c3po.neighbour_losses(test, adaptation)
     before = c3po.neighbour_losses(test, own)
     assert (after <= before + 1e-5).all() and (after < before).any()
@@ -227,7 +228,7 @@ def test_confidence_gate_keeps_base_routing_where_the_model_is_sure(setup):
     with torch.no_grad():
         logits = reroute.scoring.padded_logits(rm.model, batch.input_ids, batch.attention_mask)[:, -1]
     expected = torch.softmax(logits.float(), -1).max(-1).values
-    options = dict(surrogate="kernel", critical_layers=2, core_experts=6, min_gain=None)
+    options = dict(surrogate="kernel", critical_layers=2, core_experts=6, min_gain=None, max_typicality=None)
     free = C3PO(rm, index, tok, max_confidence=None, **options).adapt(test)
     torch.testing.assert_close(free.confidence, expected)
     assert not free.abstained.any()
@@ -315,7 +316,7 @@ def test_harness_reports_per_item_gates_and_their_inputs(setup):
 
     rm, tok, index, _ = setup
     test = _items(6, 5)
-    options = dict(surrogate="ngd", critical_layers=2, core_experts=6, steps=2, min_gain=None)
+    options = dict(surrogate="ngd", critical_layers=2, core_experts=6, steps=2, min_gain=None, max_typicality=None)
     adaptation = C3PO(rm, index, tok, **options).adapt(test[:3])
     threshold = float(adaptation.confidence.median())
     options["max_confidence"] = threshold
@@ -356,7 +357,8 @@ def test_holdout_gain_by_hand():
 def test_holdout_gate_keeps_base_routing_where_the_leave_one_out_check_fails(setup):
     rm, tok, index, _ = setup
     test = _items(6, 8)
-    options = dict(surrogate="kernel", critical_layers=2, core_experts=6, max_confidence=None, min_gain=None)
+    options = dict(surrogate="kernel", critical_layers=2, core_experts=6, max_confidence=None, min_gain=None,
+                   max_typicality=None)  # fmt: skip
     free = C3PO(rm, index, tok, **options).adapt(test)
     assert free.holdout_gain.shape == (6,) and free.gates == [None] * 6
     threshold = float(free.holdout_gain.median())
@@ -364,3 +366,22 @@ def test_holdout_gate_keeps_base_routing_where_the_leave_one_out_check_fails(set
     assert gated.gates == ["holdout" if g <= threshold else None for g in free.holdout_gain.tolist()]
     assert "holdout" in gated.gates and None in gated.gates
     assert C3PO(rm, index, tok, **{**options, "surrogate": "ngd", "steps": 1}).adapt(test).holdout_gain is None
+
+
+def test_typicality_gate_keeps_base_routing_where_the_item_routes_like_a_reference_item(setup):
+    rm, tok, index, _ = setup
+    test = _items(6, 9) + [index.items[0]]  # a reference item itself: typicality 1
+    options = dict(surrogate="ngd", critical_layers=2, core_experts=6, steps=1, max_confidence=None, min_gain=None)
+    free = C3PO(rm, index, tok, max_typicality=None, **options).adapt(test)
+    pathways = prompt_pathways(rm, tok, [item["prompt"] for item in test])[:, -2:].flatten(1)
+    stored = index.pathways[:, -2:].flatten(1)
+    expected = torch.nn.functional.normalize(pathways, dim=-1) @ torch.nn.functional.normalize(stored, dim=-1).T
+    torch.testing.assert_close(free.typicality, expected.max(-1).values)
+    assert float(free.typicality[-1]) == pytest.approx(1.0)
+    threshold = float(free.typicality[:-1].median())
+    gated = C3PO(rm, index, tok, max_typicality=threshold, **options).adapt(test)
+    fires = (free.typicality >= threshold).tolist()
+    assert gated.gates == ["typical" if f else None for f in fires] and gated.gates[-1] == "typical"
+    assert gated.stats["surrogate_items"] == fires.count(False)  # gated items skip the surrogate
+    with pytest.raises(ValueError, match="max_typicality"):
+        C3POConfig(max_typicality=1.5)

@@ -196,8 +196,8 @@ def load_adapter(
 
 
 def testbed_adapter(rm: RoutedModel, tokenizer: Any, config: AdapterMethodConfig) -> Path:
-    """The adapter fitted with ``config`` on ``config.reference_size`` items of the testbed's ``reference`` split
-    (seed ``config.seed``), cached under ``~/.cache/reroute`` per config and model; returns its folder. ``rm``'s
+    """The adapter fitted with ``config.fit`` on ``config.reference_size`` items of the testbed's ``reference`` split
+    (seed: the fit's), cached under ``~/.cache/reroute`` per config and model; returns its folder. ``rm``'s
     routing state is as it was afterwards."""
     from reroute.pretrained import _restore, _snapshot
     from reroute.testbed.reference import cache_folder, fingerprint_key, is_testbed
@@ -216,7 +216,8 @@ def testbed_adapter(rm: RoutedModel, tokenizer: Any, config: AdapterMethodConfig
     snapshot = _snapshot(rm)
     try:
         rm.reset()  # the adapter is fitted from the model's own routing: a delta over zero state
-        fit = fit_adapter(rm, tokenizer, make_split("reference", n=config.reference_size, seed=config.seed), fit_config)
+        items = make_split("reference", n=config.reference_size, seed=fit_config.seed)
+        fit = fit_adapter(rm, tokenizer, items, fit_config)
         fit.save_pretrained(rm, folder)
     finally:
         _restore(snapshot)
@@ -233,7 +234,7 @@ class Adapter(RoutingMethod):
     model's own routing).
 
     Resource ``adapter``: a folder written by :meth:`AdapterFit.save_pretrained`, an :class:`AdapterFit` or
-    ``{layer: [E]}``; default on the testbed: one fitted with the config's fit fields (cached). The inner method's
+    ``{layer: [E]}``; default on the testbed: one fitted with ``config.fit`` (cached). The inner method's
     own resources go in ``inner_options`` (on the testbed an inner C3PO gets ``index="testbed"`` unless given).
     """
 

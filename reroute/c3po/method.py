@@ -58,6 +58,9 @@ class Adaptation:
         confidence: ``[B]`` the base model's largest next-token probability at the last prompt token, the quantity
             the ``max_confidence`` gate reads.
         stats: per-batch cost (forward/backward passes over the batch, seconds) and surrogate diagnostics.
+        typicality: ``[B]`` the largest cosine similarity of the item's own pathway (critical layers, every expert)
+            to a reference item's stored pathway, the quantity the ``max_typicality`` gate reads; ``None`` without an
+            index (the oracle).
         holdout_gain: ``[B]`` the leave-one-out check over the neighbours (kernel regression; see
             :func:`~reroute.c3po.surrogates.holdout_gain`), the quantity the ``min_holdout_gain`` gate reads; ``None``
             for the other surrogates.
@@ -74,12 +77,13 @@ class Adaptation:
     confidence: torch.Tensor | None = None
     gates: list[str | None] | None = None
     holdout_gain: torch.Tensor | None = None
+    typicality: torch.Tensor | None = None
 
 
-GATES = ("confidence", "agreement", "gain", "holdout")
-"""C3PO's do-no-harm gates in the order they are checked (``max_confidence``, ``min_agreement``, ``min_gain``,
-``min_holdout_gain``); an item's reported gate is the first that fired (the confidence gate skips the surrogate, so
-its gains are 0 too)."""
+GATES = ("confidence", "typical", "agreement", "gain", "holdout")
+"""C3PO's do-no-harm gates in the order they are checked (``max_confidence``, ``max_typicality``, ``min_agreement``,
+``min_gain``, ``min_holdout_gain``); an item's reported gate is the first that fired (the confidence and typicality
+gates skip the surrogate, so its gains are 0 too)."""
 
 
 class C3PO(RoutingMethod):
@@ -148,6 +152,7 @@ class C3PO(RoutingMethod):
         own = own_pathway(
             {layer: own_scores[:, p] for layer, p in zip(self.layers, self.layer_pos)}, self.layers, self.n_core
         )
+        typicality = self._typicality(own_scores) if cfg.surrogate != "oracle" else None
         stats: dict[str, float] = {"forward_passes": 1.0, "backward_passes": 0.0}
         neighbours = torch.zeros(len(items), 0, dtype=torch.long)
         agreement = torch.ones(len(items))
@@ -178,12 +183,12 @@ class C3PO(RoutingMethod):
                     result = SurrogateResult(official_pathway(stored, found.similarity, self.layers), zeros, zeros)
                 else:
                     agreement = self._agreement(neighbours)
-                    result = self._neighbour_surrogate(own, found, self._skips(confidence))
+                    result = self._neighbour_surrogate(own, found, self._skips(confidence, typicality))
                     stats["surrogate_items"] = result.extra.pop("items")
         finally:
             self.rm.clear_mixing(self.layers)
         gain = _relative_gain(result)
-        gates = self._gate(gain, agreement, confidence, result.holdout_gain)
+        gates = self._gate(gain, agreement, confidence, result.holdout_gain, typicality)
         abstained = torch.tensor([g is not None for g in gates], dtype=torch.bool)
         stats["forward_passes"] += result.forward_passes
         stats["backward_passes"] += result.backward_passes
@@ -191,15 +196,35 @@ class C3PO(RoutingMethod):
         stats["abstained"] = float(abstained.float().mean())
         stats.update(result.extra)
         return Adaptation(
-            result.pathway, abstained, neighbours, stats, gain, agreement.cpu(), confidence, gates, result.holdout_gain
+            result.pathway,
+            abstained,
+            neighbours,
+            stats,
+            gain,
+            agreement.cpu(),
+            confidence,
+            gates,
+            result.holdout_gain,
+            typicality,
         )
 
-    def _skips(self, confidence: torch.Tensor) -> torch.Tensor:
-        """Bool ``[B]``: items whose confidence gate fires before any surrogate work (they keep the base routing
-        whatever the surrogate finds, so it is not run for them)."""
-        if self.config.max_confidence is None:
-            return torch.zeros(len(confidence), dtype=torch.bool)
-        return confidence >= self.config.max_confidence
+    def _skips(self, confidence: torch.Tensor, typicality: torch.Tensor | None) -> torch.Tensor:
+        """Bool ``[B]``: items whose confidence or typicality gate fires before any surrogate work (they keep the base
+        routing whatever the surrogate finds, so it is not run for them)."""
+        skip = torch.zeros(len(confidence), dtype=torch.bool)
+        if self.config.max_confidence is not None:
+            skip |= confidence >= self.config.max_confidence
+        if self.config.max_typicality is not None and typicality is not None:
+            skip |= typicality >= self.config.max_typicality
+        return skip
+
+    def _typicality(self, own_scores: torch.Tensor) -> torch.Tensor:
+        """Largest cosine similarity ``[B]`` of each item's pathway in the critical layers (``own_scores [B, L_all,
+        E]``) to a stored reference pathway: near 1 where the model already routes the item as it routed an item it
+        answered correctly."""
+        own = torch.nn.functional.normalize(own_scores[:, self.layer_pos].flatten(1).float(), dim=-1)
+        stored = self.index.pathways[:, self.layer_pos].flatten(1).float()
+        return (own @ torch.nn.functional.normalize(stored, dim=-1).to(own.device).T).max(-1).values.cpu()
 
     def _neighbour_surrogate(self, own: Pathway, found: Neighbours, skip: torch.Tensor) -> SurrogateResult:
         """Kernel regression or NGD for the items not skipped; skipped items keep their own pathway (gain 0).
@@ -282,7 +307,12 @@ class C3PO(RoutingMethod):
         return torch.arange(prompt_len - n, prompt_len)[None]
 
     def _gate(
-        self, gain: torch.Tensor, agreement: torch.Tensor, confidence: torch.Tensor, holdout: torch.Tensor | None
+        self,
+        gain: torch.Tensor,
+        agreement: torch.Tensor,
+        confidence: torch.Tensor,
+        holdout: torch.Tensor | None,
+        typicality: torch.Tensor | None,
     ) -> list[str | None]:
         """Per item, the first of :data:`GATES` that fired (the item keeps the base routing), ``None`` elsewhere."""
         cfg = self.config
@@ -292,6 +322,8 @@ class C3PO(RoutingMethod):
             return [None] * rows
         if cfg.max_confidence is not None and cfg.surrogate != "oracle":
             fired["confidence"] = confidence.cpu() >= cfg.max_confidence
+        if cfg.max_typicality is not None and typicality is not None and cfg.surrogate != "oracle":
+            fired["typical"] = typicality >= cfg.max_typicality
         if cfg.min_agreement is not None:
             fired["agreement"] = agreement.cpu() < cfg.min_agreement
         if cfg.min_gain is not None and cfg.surrogate in ("ngd", "kernel"):
@@ -465,6 +497,7 @@ class C3PO(RoutingMethod):
                 row(state.confidence, i),
                 None if state.gates is None else state.gates[i : i + 1],
                 row(state.holdout_gain, i),
+                row(state.typicality, i),
             )
             for i in range(rows)
         ]
@@ -492,15 +525,16 @@ class C3PO(RoutingMethod):
             cat("confidence"),
             gates,
             cat("holdout_gain"),
+            cat("typicality"),
         )
 
     def gate_report(self, state: Adaptation) -> dict[str, list[Any]] | None:
         """Per item: ``gate`` (the gate that kept the base routing, ``None`` where adapted) and what the gates read
-        (``confidence``, ``gain``, ``agreement``; ``holdout_gain`` for kernel regression)."""
+        (``confidence``, ``typicality``, ``gain``, ``agreement``; ``holdout_gain`` for kernel regression)."""
         if state.gates is None:
             return None
         report: dict[str, list[Any]] = {"gate": list(state.gates)}
-        for name in ("confidence", "gain", "agreement", "holdout_gain"):
+        for name in ("confidence", "typicality", "gain", "agreement", "holdout_gain"):
             values = getattr(state, name)
             if values is not None:
                 report[name] = [float(v) for v in values.reshape(-1)]
