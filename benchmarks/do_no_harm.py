@@ -208,6 +208,31 @@ def table_markdown(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def summary_markdown(rows: Sequence[dict[str, Any]]) -> str:
+    """One line per method and mode: base accuracy or the paired difference to base [95% CI] per split, pooled over
+    the seeds (``*``: significantly below base)."""
+    by_key = {(r["method"], r["mode"], r["split"]): r for r in rows}
+    lines = ["| method | mode | " + " | ".join(SPLITS) + " |", "|---|---|" + "---|" * len(SPLITS)]
+    for label in METHODS:
+        for mode in ("mc", "gen"):
+            entries = []
+            for split in SPLITS:
+                row = by_key.get((label, mode, split))
+                if row is None:
+                    entries.append("")
+                elif "vs_base" not in row:
+                    entries.append(f"{_pct(row['accuracy'])} [{_pct(row['ci95'][0])}, {_pct(row['ci95'][1])}]")
+                else:
+                    d = row["vs_base"]
+                    star = "*" if row["below_base"] else ""
+                    entries.append(
+                        f"{100 * d['difference']:+.1f} [{100 * d['ci95'][0]:+.1f}, {100 * d['ci95'][1]:+.1f}]{star}"
+                    )
+            if any(entries):
+                lines.append(f"| {label} | {mode} | " + " | ".join(entries) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def write_table(out: Path) -> list[dict[str, Any]]:
     cells = load_cells(out)
     rows = summarise(cells)
@@ -217,7 +242,8 @@ def write_table(out: Path) -> list[dict[str, Any]]:
         "difference to base on the same items (95% paired bootstrap); per seed: the difference, * = significantly "
         "below base; gates fired: share of items per gate (None = adapted).\n\n"
     )
-    (out / "table.md").write_text(header + table_markdown(rows))
+    (out / "table.md").write_text(header + table_markdown(rows) + "\nSummary (base: accuracy; others: paired "
+                                  "difference to base):\n\n" + summary_markdown(rows))  # fmt: skip
     return rows
 
 
@@ -287,6 +313,7 @@ def main() -> None:
         run_cells(args)
     rows = write_table(args.out)
     print(table_markdown(rows))
+    print(summary_markdown(rows))
 
 
 if __name__ == "__main__":
