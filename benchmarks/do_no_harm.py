@@ -165,6 +165,10 @@ def summarise(cells: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
                         gates += cell["gates"]
                     row["seeds"][str(seed)] = entry
                 all_correct = [c for s in seeds for c in by_key[(label, mode, split, s)]["correct"]]
+                per_seed = [by_key[(label, mode, split, s)] for s in seeds]
+                row["seconds_per_item"] = float(np.mean([c["seconds_per_item"] for c in per_seed]))
+                row["forward_passes"] = float(np.mean([c["stats"].get("forward_passes", 0.0) for c in per_seed]))
+                row["backward_passes"] = float(np.mean([c["stats"].get("backward_passes", 0.0) for c in per_seed]))
                 row["n"] = len(all_correct)
                 row["accuracy"] = float(np.mean(all_correct))
                 row["ci95"] = bootstrap_ci(all_correct)
@@ -187,8 +191,9 @@ def _pct(x: float) -> str:
 
 def table_markdown(rows: Sequence[dict[str, Any]]) -> str:
     lines = [
-        "| method | mode | split | n | accuracy [95% CI] | vs base [paired 95% CI] | per seed vs base | gates fired |",
-        "|---|---|---|---|---|---|---|---|",
+        "| method | mode | split | n | accuracy [95% CI] | vs base [paired 95% CI] | per seed vs base | gates fired "
+        "| s/item | adaptation fwd / bwd per item |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         acc = f"{_pct(row['accuracy'])} [{_pct(row['ci95'][0])}, {_pct(row['ci95'][1])}]"
@@ -203,8 +208,9 @@ def table_markdown(rows: Sequence[dict[str, Any]]) -> str:
                 if "vs_base" in e
             )
         gates = ", ".join(f"{k} {100 * v:.0f}%" for k, v in row.get("gates", {}).items())
+        cost = f"{row['seconds_per_item']:.3f} | {row['forward_passes']:.1f} / {row['backward_passes']:.1f}"
         lines.append(f"| {row['method']} | {row['mode']} | {row['split']} | {row['n']} | {acc} | {diff} | "
-                     f"{per_seed} | {gates} |")  # fmt: skip
+                     f"{per_seed} | {gates} | {cost} |")  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
