@@ -218,3 +218,31 @@ def test_adapter_method_refuses_bad_adapters_before_anything_changes(tmp_path):
     with pytest.raises(ValueError, match="besides layer offsets"):
         make_method("adapter", adapter=str(tmp_path / "rows")).build(rm, tokenizer)
     assert all(torch.equal(p, torch.zeros(rm.num_experts)) for p in rm.offsets.stack())
+
+
+def test_router_lora_fit_lowers_the_loss_and_reloads_bit_identically(tmp_path):
+    peft = pytest.importorskip("peft")
+    from reroute.adapters import fit_router_lora
+    from reroute.data import load_items
+    from reroute.testbed import load_testbed
+
+    model, tokenizer = load_testbed()
+    router = model.model.layers[3].mlp.gate.weight.detach().clone()
+    items = load_items("reference_sets/testbed/reference.jsonl")[:16]
+    config = AdapterConfig(steps=6, lr=0.05, batch_size=8, prompt_field="question")
+    fit = fit_router_lora(model, tokenizer, items, config, rank=2)
+    assert fit.loss_after < 0.9 * fit.loss_before and len(fit.history) == 6
+    trained = [n for n, p in fit.model.named_parameters() if p.requires_grad]
+    assert trained and all("lora_" in n and ".mlp.gate." in n for n in trained)  # the routers' factors only
+    assert torch.equal(model.model.layers[3].mlp.gate.base_layer.weight, router)  # the weight itself untouched
+    tokens = torch.tensor([[1, 5, 6, 7, 8]])
+    with torch.no_grad():
+        fitted = fit.model(tokens).logits
+    fit.model.save_pretrained(tmp_path / "router-lora")
+    fresh, _ = load_testbed()
+    with torch.no_grad():
+        base = fresh(tokens).logits
+        reloaded = peft.PeftModel.from_pretrained(fresh, tmp_path / "router-lora")(tokens).logits
+    assert torch.equal(reloaded, fitted) and not torch.equal(reloaded, base)
+    with pytest.raises(ValueError, match="rank must be"):
+        fit_router_lora(load_testbed()[0], tokenizer, items, config, rank=0)

@@ -333,3 +333,77 @@ class Adapter(RoutingMethod):
 
 
 register_method("adapter", AdapterMethodConfig, Adapter)
+
+
+@dataclass
+class RouterLoraFit:
+    """A fitted low-rank router delta: the peft model (LoRA ``B @ A`` on each MoE layer's router weight) and how the
+    fit went (mean gold-answer NLL over the reference items before and after, mini-batch losses, wall time)."""
+
+    model: Any
+    loss_before: float
+    loss_after: float
+    history: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def fit_router_lora(
+    model: Any, tokenizer: Any, items: Sequence[Item], config: AdapterConfig | None = None, rank: int = 4
+) -> RouterLoraFit:
+    """Fit a rank-``rank`` LoRA delta on every MoE router weight (peft, ``target_parameters``) on the gold answers of
+    ``items``, as :func:`fit_adapter` fits offsets (``config``: steps, lr, batch size, L2 on the LoRA factors, prompt
+    field, seed). The delta starts at zero (peft's ``B = 0``), so the fit starts from the model's own routing.
+
+    ``model``: a plain transformers MoE model (not attached; it is wrapped, not copied). Returns the peft model,
+    attached; ``fit.model.save_pretrained(folder)`` writes peft's adapter files and ``peft.PeftModel.from_pretrained``
+    loads them back. The delta costs one small ``[E, r] @ [r, H]`` product per router per forward;
+    ``merge_and_unload()`` folds it into the router weight (then no cost at all).
+    """
+    import peft
+
+    from reroute.attach import attach
+
+    config = config or AdapterConfig()
+    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
+        raise ValueError(f"rank must be a positive integer, got {rank!r}")
+    if not items:
+        raise ValueError("no reference items to fit the router delta on")
+    for position, item in enumerate(items):
+        if config.prompt_field not in item:
+            raise ValueError(f"reference item {position} has no {config.prompt_field!r} field (config.prompt_field)")
+        if "answer" not in item and not ("choices" in item and "label" in item):
+            raise ValueError(f"reference item {position} has no gold answer ('answer', or 'choices' and 'label')")
+    rm = attach(model)
+    routers = {id(rm.layer(i).router) for i in rm.moe_layers}
+    names = [name for name, module in model.named_modules() if id(module) in routers]
+    rm.detach()
+    # peft matches parameter names by suffix: the router's path inside its decoder layer
+    suffixes = sorted({name.split(".layers.", 1)[-1].split(".", 1)[-1] + ".weight" for name in names})
+    lora = peft.LoraConfig(r=rank, lora_alpha=rank, target_modules=[], target_parameters=suffixes)
+    wrapped = peft.get_peft_model(model, lora)
+    rm = attach(wrapped)
+    params = [p for name, p in wrapped.named_parameters() if "lora_" in name and p.requires_grad]
+    start = time.perf_counter()
+    order = list(range(len(items)))
+    rng = random.Random(config.seed)
+    history: list[float] = []
+    loss_before = _mean_loss(rm, tokenizer, items, config)
+    optimizer = torch.optim.Adam(params, lr=config.lr)
+    cursor = len(order)
+    for _ in range(config.steps):
+        if cursor + config.batch_size > len(order):
+            rng.shuffle(order)
+            cursor = 0
+        batch = [items[i] for i in order[cursor : cursor + config.batch_size]]
+        cursor += config.batch_size
+        loss = gold_loss(rm, tokenizer, batch, config.prompt_field).mean()
+        if config.l2 > 0:
+            loss = loss + config.l2 * sum(p.pow(2).sum() for p in params)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        history.append(float(loss.detach()))
+    for p in params:
+        p.grad = None
+    loss_after = _mean_loss(rm, tokenizer, items, config)
+    return RouterLoraFit(wrapped, loss_before, loss_after, history, time.perf_counter() - start)
