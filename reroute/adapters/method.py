@@ -353,6 +353,8 @@ def fit_router_lora(
     """Fit a rank-``rank`` LoRA delta on every MoE router weight (peft, ``target_parameters``) on the gold answers of
     ``items``, as :func:`fit_adapter` fits offsets (``config``: steps, lr, batch size, L2 on the LoRA factors, prompt
     field, seed). The delta starts at zero (peft's ``B = 0``), so the fit starts from the model's own routing.
+    Default config: :class:`AdapterConfig` with ``lr=2e-3`` (the offsets' 0.05 diverges on the LoRA factors: on the
+    testbed's reference set the gold NLL rose from 0.010 to 1.339).
 
     ``model``: a plain transformers MoE model (not attached; it is wrapped, not copied). Returns the peft model,
     attached; ``fit.model.save_pretrained(folder)`` writes peft's adapter files and ``peft.PeftModel.from_pretrained``
@@ -363,7 +365,7 @@ def fit_router_lora(
 
     from reroute.attach import attach
 
-    config = config or AdapterConfig()
+    config = config or AdapterConfig(lr=2e-3)
     if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
         raise ValueError(f"rank must be a positive integer, got {rank!r}")
     if not items:
