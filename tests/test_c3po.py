@@ -12,7 +12,7 @@ import reroute
 from reroute.c3po import C3PO, C3POConfig, ReferenceIndex, ReferenceIndexError
 from reroute.c3po.embed import make_embedder, prompt_pathways
 from reroute.c3po.pathway import Pathway, own_pathway
-from reroute.c3po.surrogates import core_average, kernel_weights, mode_finding, neighbour_loss
+from reroute.c3po.surrogates import core_average, holdout_gain, kernel_weights, mode_finding, neighbour_loss
 from reroute.data import item_key
 from reroute.scoring import gold_batch
 from reroute.testing import tiny_model, tiny_tokenizer
@@ -107,10 +107,11 @@ def test_index_errors(setup, tmp_path):
 
 def test_ngd_lowers_the_neighbours_loss(setup):
     rm, tok, index, _ = setup
-    c3po = C3PO(rm, index, tok, surrogate="ngd", critical_layers=2, core_experts=6, steps=8, lr=0.3, min_gain=None)
+    options = dict(surrogate="ngd", critical_layers=2, core_experts=6, min_gain=None, max_typicality=None)
+    c3po = C3PO(rm, index, tok, steps=8, lr=0.3, **options)
     test = _items(6, 2)
     adaptation = c3po.adapt(test)
-    own = C3PO(rm, index, tok, surrogate="ngd", critical_layers=2, core_experts=6, steps=0, min_gain=None).adapt(test)
+    own = C3PO(rm, index, tok, steps=0, **options).adapt(test)
     after = c3po.neighbour_losses(test, adaptation)
     before = c3po.neighbour_losses(test, own)
     assert (after <= before + 1e-5).all() and (after < before).any()
@@ -207,6 +208,8 @@ def test_gate_abstains_and_abstaining_items_route_exactly_as_base(setup):
     c3po = C3PO(rm, index, tok, surrogate="kernel", critical_layers=2, core_experts=6, min_agreement=2.0)
     adaptation = c3po.adapt(test)
     assert adaptation.abstained.all() and adaptation.stats["abstained"] == 1.0
+    expected = ["confidence" if c >= 0.99 else "agreement" for c in adaptation.confidence.tolist()]
+    assert adaptation.gates == expected and "agreement" in expected  # the first gate that fired, per item
     assert adaptation.agreement.shape == adaptation.gain.shape == (5,) and (adaptation.agreement < 2.0).all()
     base = reroute.scoring.choice_batch(tok, test)[0]
     with torch.no_grad():
@@ -225,13 +228,14 @@ def test_confidence_gate_keeps_base_routing_where_the_model_is_sure(setup):
     with torch.no_grad():
         logits = reroute.scoring.padded_logits(rm.model, batch.input_ids, batch.attention_mask)[:, -1]
     expected = torch.softmax(logits.float(), -1).max(-1).values
-    options = dict(surrogate="kernel", critical_layers=2, core_experts=6, min_gain=None)
+    options = dict(surrogate="kernel", critical_layers=2, core_experts=6, min_gain=None, max_typicality=None)
     free = C3PO(rm, index, tok, max_confidence=None, **options).adapt(test)
     torch.testing.assert_close(free.confidence, expected)
     assert not free.abstained.any()
     threshold = float(expected.median())
     gated = C3PO(rm, index, tok, max_confidence=threshold, **options).adapt(test)
     assert gated.abstained.tolist() == (expected >= threshold).tolist() and gated.abstained.any()
+    assert gated.gates == ["confidence" if c >= threshold else None for c in expected.tolist()]
     oracle = C3PO(rm, None, tok, surrogate="oracle", critical_layers=2, core_experts=6, steps=1, max_confidence=1e-9)
     assert not oracle.adapt(test).abstained.any()  # the upper bound is never gated
     with pytest.raises(ValueError, match="max_confidence"):
@@ -305,3 +309,79 @@ def test_c3po_through_the_harness(setup):
         result = run_eval(rm, tok, test, method, split="toy", mode="mc", batch_size=3, progress=False)
         assert result.n == 6 and result.stats["forward_passes"] > 1
         assert 0.0 <= result.stats["abstained"] <= 1.0
+
+
+def test_harness_reports_per_item_gates_and_their_inputs(setup):
+    from reroute.eval import make_method, run_eval
+
+    rm, tok, index, _ = setup
+    test = _items(6, 5)
+    options = dict(surrogate="ngd", critical_layers=2, core_experts=6, steps=2, min_gain=None, max_typicality=None)
+    adaptation = C3PO(rm, index, tok, **options).adapt(test[:3])
+    threshold = float(adaptation.confidence.median())
+    options["max_confidence"] = threshold
+    spec = make_method("c3po", index=index, **options)
+    result = run_eval(rm, tok, test, spec, batch_size=3, progress=False)
+    c3po = spec.build(rm, tok)
+    expected = [g for start in (0, 3) for g in c3po.adapt(test[start : start + 3]).gates]
+    assert result.gates == expected and "confidence" in expected and None in expected
+    confidence = result.gate_inputs["confidence"]
+    assert [g == "confidence" for g in result.gates] == [c >= threshold for c in confidence]
+    assert len(result.gate_inputs["gain"]) == len(result.gate_inputs["agreement"]) == 6
+    assert result.stats["abstained"] == pytest.approx(expected.count("confidence") / 6)
+    base = run_eval(rm, tok, test, make_method("base"), progress=False)
+    assert base.gates == [] and base.gate_inputs == {}  # no gate to report
+
+
+def test_split_and_stacked_states_keep_their_gates(setup):
+    rm, tok, index, _ = setup
+    c3po = C3PO(rm, index, tok, surrogate="kernel", critical_layers=2, core_experts=6, min_agreement=0.5)
+    adaptation = c3po.adapt(_items(4, 6))
+    rows = c3po.split_state(adaptation, 4)
+    assert [r.gates[0] for r in rows] == adaptation.gates
+    stacked = c3po.stack_states(rows)
+    assert stacked.gates == adaptation.gates and torch.equal(stacked.confidence, adaptation.confidence)
+    assert c3po.gate_report(stacked)["gate"] == adaptation.gates
+
+
+def test_holdout_gain_by_hand():
+    weights = torch.full((2, 3), 1 / 3)
+    # candidate 0 helps neighbours 0 and 1 but hurts 2; candidate 1 is the base routing (loss 2 everywhere)
+    table = torch.tensor([[[1.0, 1.0, 5.0], [2.0, 2.0, 2.0]], [[1.0, 1.0, 1.0], [2.0, 2.0, 2.0]]])
+    # item 0: without 0 or 1 the base wins (no change); without 2, candidate 0 is chosen and scores 5 on it
+    # item 1: every held-out choice is candidate 0, which lowers each held-out loss from 2 to 1
+    torch.testing.assert_close(holdout_gain(table, weights, base=1), torch.tensor([(-3 / 3) / 2, (3 / 3) / 2]))
+    assert holdout_gain(table[:, :, :1], weights[:, :1], base=1).tolist() == [0.0, 0.0]  # one neighbour: no check
+
+
+def test_holdout_gate_keeps_base_routing_where_the_leave_one_out_check_fails(setup):
+    rm, tok, index, _ = setup
+    test = _items(6, 8)
+    options = dict(surrogate="kernel", critical_layers=2, core_experts=6, max_confidence=None, min_gain=None,
+                   max_typicality=None)  # fmt: skip
+    free = C3PO(rm, index, tok, **options).adapt(test)
+    assert free.holdout_gain.shape == (6,) and free.gates == [None] * 6
+    threshold = float(free.holdout_gain.median())
+    gated = C3PO(rm, index, tok, min_holdout_gain=threshold, **options).adapt(test)
+    assert gated.gates == ["holdout" if g <= threshold else None for g in free.holdout_gain.tolist()]
+    assert "holdout" in gated.gates and None in gated.gates
+    assert C3PO(rm, index, tok, **{**options, "surrogate": "ngd", "steps": 1}).adapt(test).holdout_gain is None
+
+
+def test_typicality_gate_keeps_base_routing_where_the_item_routes_like_a_reference_item(setup):
+    rm, tok, index, _ = setup
+    test = _items(6, 9) + [index.items[0]]  # a reference item itself: typicality 1
+    options = dict(surrogate="ngd", critical_layers=2, core_experts=6, steps=1, max_confidence=None, min_gain=None)
+    free = C3PO(rm, index, tok, max_typicality=None, **options).adapt(test)
+    pathways = prompt_pathways(rm, tok, [item["prompt"] for item in test])[:, -2:].flatten(1)
+    stored = index.pathways[:, -2:].flatten(1)
+    expected = torch.nn.functional.normalize(pathways, dim=-1) @ torch.nn.functional.normalize(stored, dim=-1).T
+    torch.testing.assert_close(free.typicality, expected.max(-1).values)
+    assert float(free.typicality[-1]) == pytest.approx(1.0)
+    threshold = float(free.typicality[:-1].median())
+    gated = C3PO(rm, index, tok, max_typicality=threshold, **options).adapt(test)
+    fires = (free.typicality >= threshold).tolist()
+    assert gated.gates == ["typical" if f else None for f in fires] and gated.gates[-1] == "typical"
+    assert gated.stats["surrogate_items"] == fires.count(False)  # gated items skip the surrogate
+    with pytest.raises(ValueError, match="max_typicality"):
+        C3POConfig(max_typicality=1.5)

@@ -228,7 +228,7 @@ def test_exit_code_reaches_the_shell():
     )
     assert failed.returncode == 2
     assert failed.stderr.splitlines()[-1] == (
-        "reroute eval: error: unknown method 'x'; known: base, c3po, rerouting, scmoe, oracle"
+        "reroute eval: error: unknown method 'x'; known: base, c3po, rerouting, scmoe, adapter, oracle"
     )
     missing = subprocess.run(
         [sys.executable, "-c", "import sys; from reroute.cli import main; sys.exit(main())", "eval", "--data", "/no"],

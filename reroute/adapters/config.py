@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 
 @dataclass
@@ -51,3 +51,46 @@ class AdapterConfig:
             raise ValueError(f"layers must be 'all' or a non-empty list of integer layer indices, got {self.layers!r}")
         if not isinstance(self.prompt_field, str) or not self.prompt_field:
             raise ValueError(f"prompt_field must be a non-empty field name, got {self.prompt_field!r}")
+
+
+@dataclass
+class AdapterMethodConfig:
+    """The ``adapter`` evaluation method: a fitted adapter's offsets added to the routing while another registered
+    method (``inner``, default ``base``) adapts, scores and generates on top of them.
+
+    ``fit`` (:class:`AdapterConfig` fields) and ``reference_size`` are used only when no saved adapter is given and
+    one is fitted on the testbed's reference set (cached per setting and model).
+    """
+
+    inner: str = field(default="base", metadata={"help": "registered method run on top of the adapter ('c3po', ...)"})
+    inner_options: dict = field(
+        default_factory=dict, metadata={"help": "the inner method's config fields and resources, e.g. {'steps': 5}"}
+    )
+    fit: dict = field(
+        default_factory=dict,
+        metadata={
+            "help": "AdapterConfig fields for fitting one on the testbed when none is given, e.g. {'steps': 150}"
+        },
+    )
+    reference_size: int = field(
+        default=800, metadata={"help": "testbed reference items the adapter is fitted on when none is given"}
+    )
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.inner, str) or not self.inner or self.inner == "adapter":
+            raise ValueError(f"inner must be another registered method's name, got {self.inner!r}")
+        if not isinstance(self.inner_options, dict):
+            raise ValueError(f"inner_options must be a dict of the inner method's options, got {self.inner_options!r}")
+        if not isinstance(self.fit, dict):
+            raise ValueError(f"fit must be a dict of AdapterConfig fields, got {self.fit!r}")
+        unknown = sorted(set(self.fit) - {f.name for f in fields(AdapterConfig)})
+        if unknown:
+            raise ValueError(f"fit has no field {', '.join(map(repr, unknown))}; AdapterConfig's fields: "
+                             f"{', '.join(f.name for f in fields(AdapterConfig))}")  # fmt: skip
+        self.fit_config()  # its own checks
+        if not isinstance(self.reference_size, int) or isinstance(self.reference_size, bool) or self.reference_size < 1:
+            raise ValueError(f"reference_size must be a positive integer, got {self.reference_size!r}")
+
+    def fit_config(self) -> AdapterConfig:
+        """The fitting hyperparameters."""
+        return AdapterConfig(**self.fit)

@@ -43,6 +43,21 @@ class C3POConfig:
     min_gain: float | None = field(
         default=0.0, metadata={"help": "gate: keep base routing when the neighbours' loss falls by less (relative)"}
     )
+    min_holdout_gain: float | None = field(
+        default=None,
+        metadata={
+            "help": "gate (kernel): keep base routing unless the leave-one-out check over the neighbours (choose the "
+            "blend on k-1, score the held-out one) lowers their loss by more than this (relative; None: off)"
+        },
+    )
+    max_typicality: float | None = field(
+        default=0.9,
+        metadata={
+            "help": "gate: keep base routing when the item's own pathway (critical layers) has cosine similarity at "
+            "least this to a successful reference item's (its routing is already typical; None: off; not applied to "
+            "the oracle or 'official')"
+        },
+    )
     max_confidence: float | None = field(
         default=0.99,
         metadata={
@@ -87,6 +102,12 @@ class C3POConfig:
             raise ValueError(f"steps must be a non-negative integer, got {self.steps!r}")
         if not (isinstance(self.lr, (int, float)) and 0 < self.lr < float("inf")):
             raise ValueError(f"lr must be positive and finite, got {self.lr!r}")
+        if self.max_typicality is not None and not (
+            isinstance(self.max_typicality, (int, float)) and -1.0 <= self.max_typicality <= 1.0
+        ):
+            raise ValueError(
+                f"max_typicality must be a cosine similarity in [-1, 1] or None, got {self.max_typicality}"
+            )
         if self.max_confidence is not None and not 0.0 < self.max_confidence <= 1.0:
             raise ValueError(f"max_confidence must be in (0, 1] or None, got {self.max_confidence}")
         if isinstance(self.prefix_cache_mib, bool) or not (

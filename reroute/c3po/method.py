@@ -59,6 +59,14 @@ class Adaptation:
         confidence: ``[B]`` the base model's largest next-token probability at the last prompt token, the quantity
             the ``max_confidence`` gate reads.
         stats: per-batch cost (forward/backward passes over the batch, seconds) and surrogate diagnostics.
+        typicality: ``[B]`` the largest cosine similarity of the item's own pathway (critical layers, every expert)
+            to a reference item's stored pathway, the quantity the ``max_typicality`` gate reads; ``None`` without an
+            index (the oracle).
+        holdout_gain: ``[B]`` the leave-one-out check over the neighbours (kernel regression; see
+            :func:`~reroute.c3po.surrogates.holdout_gain`), the quantity the ``min_holdout_gain`` gate reads; ``None``
+            for the other surrogates.
+        gates: per item, the gate that kept the base routing (the first of :data:`GATES` that fired, in that order)
+            or ``None`` where the item was adapted.
     """
 
     pathway: Pathway
@@ -68,6 +76,15 @@ class Adaptation:
     gain: torch.Tensor | None = None
     agreement: torch.Tensor | None = None
     confidence: torch.Tensor | None = None
+    gates: list[str | None] | None = None
+    holdout_gain: torch.Tensor | None = None
+    typicality: torch.Tensor | None = None
+
+
+GATES = ("confidence", "typical", "agreement", "gain", "holdout")
+"""C3PO's do-no-harm gates in the order they are checked (``max_confidence``, ``max_typicality``, ``min_agreement``,
+``min_gain``, ``min_holdout_gain``); an item's reported gate is the first that fired (the confidence and typicality
+gates skip the surrogate, so its gains are 0 too)."""
 
 
 class C3PO(RoutingMethod):
@@ -139,6 +156,7 @@ class C3PO(RoutingMethod):
             own = own_pathway(
                 {layer: own_scores[:, p] for layer, p in zip(self.layers, self.layer_pos)}, self.layers, self.n_core
             )
+            typicality = self._typicality(own_scores) if cfg.surrogate != "oracle" else None
             stats: dict[str, float] = {"forward_passes": 1.0, "backward_passes": 0.0}
             neighbours = torch.zeros(len(items), 0, dtype=torch.long)
             agreement = torch.ones(len(items))
@@ -169,25 +187,48 @@ class C3PO(RoutingMethod):
                         result = SurrogateResult(official_pathway(stored, found.similarity, self.layers), zeros, zeros)
                     else:
                         agreement = self._agreement(neighbours)
-                        result = self._neighbour_surrogate(own, found, self._skips(confidence))
+                        result = self._neighbour_surrogate(own, found, self._skips(confidence, typicality))
                         stats["surrogate_items"] = result.extra.pop("items")
             finally:
                 self.rm.clear_mixing(self.layers)
         gain = _relative_gain(result)
-        abstained = self._gate(gain, agreement, confidence)
+        gates = self._gate(gain, agreement, confidence, result.holdout_gain, typicality)
+        abstained = torch.tensor([g is not None for g in gates], dtype=torch.bool)
         stats["forward_passes"] += result.forward_passes
         stats["backward_passes"] += result.backward_passes
         stats["seconds"] = time.perf_counter() - start
         stats["abstained"] = float(abstained.float().mean())
         stats.update(result.extra)
-        return Adaptation(result.pathway, abstained, neighbours, stats, gain, agreement.cpu(), confidence)
+        return Adaptation(
+            result.pathway,
+            abstained,
+            neighbours,
+            stats,
+            gain,
+            agreement.cpu(),
+            confidence,
+            gates,
+            result.holdout_gain,
+            typicality,
+        )
 
-    def _skips(self, confidence: torch.Tensor) -> torch.Tensor:
-        """Bool ``[B]``: items whose confidence gate fires before any surrogate work (they keep the base routing
-        whatever the surrogate finds, so it is not run for them)."""
-        if self.config.max_confidence is None:
-            return torch.zeros(len(confidence), dtype=torch.bool)
-        return confidence >= self.config.max_confidence
+    def _skips(self, confidence: torch.Tensor, typicality: torch.Tensor | None) -> torch.Tensor:
+        """Bool ``[B]``: items whose confidence or typicality gate fires before any surrogate work (they keep the base
+        routing whatever the surrogate finds, so it is not run for them)."""
+        skip = torch.zeros(len(confidence), dtype=torch.bool)
+        if self.config.max_confidence is not None:
+            skip |= confidence >= self.config.max_confidence
+        if self.config.max_typicality is not None and typicality is not None:
+            skip |= typicality >= self.config.max_typicality
+        return skip
+
+    def _typicality(self, own_scores: torch.Tensor) -> torch.Tensor:
+        """Largest cosine similarity ``[B]`` of each item's pathway in the critical layers (``own_scores [B, L_all,
+        E]``) to a stored reference pathway: near 1 where the model already routes the item as it routed an item it
+        answered correctly."""
+        own = torch.nn.functional.normalize(own_scores[:, self.layer_pos].flatten(1).float(), dim=-1)
+        stored = self.index.pathways[:, self.layer_pos].flatten(1).float()
+        return (own @ torch.nn.functional.normalize(stored, dim=-1).to(own.device).T).max(-1).values.cpu()
 
     def _neighbour_surrogate(self, own: Pathway, found: Neighbours, skip: torch.Tensor) -> SurrogateResult:
         """Kernel regression or NGD for the items not skipped; skipped items keep their own pathway (gain 0).
@@ -197,7 +238,8 @@ class C3PO(RoutingMethod):
         rows = len(skip)
         before, after = torch.zeros(rows), torch.zeros(rows)
         if len(todo) == 0:
-            return SurrogateResult(own, before, after, extra={"items": 0.0})
+            holdout = torch.zeros(rows) if cfg.surrogate == "kernel" else None
+            return SurrogateResult(own, before, after, extra={"items": 0.0}, holdout_gain=holdout)
         sub_own = own.select(todo)
         neighbours = found.ids[todo]
         weights = kernel_weights(found.similarity[todo], cfg.kernel, cfg.bandwidth)
@@ -232,6 +274,10 @@ class C3PO(RoutingMethod):
         for layer in own.layers:
             logits[layer][todo] = result.pathway.logits[layer].to(logits[layer].device)
         before[todo], after[todo] = result.loss_before.float(), result.loss_after.float()
+        holdout = None
+        if result.holdout_gain is not None:
+            holdout = torch.zeros(rows)
+            holdout[todo] = result.holdout_gain.float()
         share = cfg.k * len(todo) / rows
         return SurrogateResult(
             Pathway(list(own.layers), own.experts, logits),
@@ -240,6 +286,7 @@ class C3PO(RoutingMethod):
             forward_passes=result.forward_passes * share,
             backward_passes=result.backward_passes * share,
             extra={**result.extra, "items": float(len(todo))},
+            holdout_gain=holdout,
         )
 
     def clear_prefix_cache(self) -> None:
@@ -285,18 +332,31 @@ class C3PO(RoutingMethod):
         n = min(self.config.last_tokens, prompt_len)
         return torch.arange(prompt_len - n, prompt_len)[None]
 
-    def _gate(self, gain: torch.Tensor, agreement: torch.Tensor, confidence: torch.Tensor) -> torch.Tensor:
+    def _gate(
+        self,
+        gain: torch.Tensor,
+        agreement: torch.Tensor,
+        confidence: torch.Tensor,
+        holdout: torch.Tensor | None,
+        typicality: torch.Tensor | None,
+    ) -> list[str | None]:
+        """Per item, the first of :data:`GATES` that fired (the item keeps the base routing), ``None`` elsewhere."""
         cfg = self.config
-        abstain = torch.zeros(len(agreement), dtype=torch.bool)
+        rows = len(agreement)
+        fired = {name: torch.zeros(rows, dtype=torch.bool) for name in GATES}
         if cfg.surrogate == "official":  # the authors' released code has no gate
-            return abstain
+            return [None] * rows
         if cfg.max_confidence is not None and cfg.surrogate != "oracle":
-            abstain |= confidence >= cfg.max_confidence
+            fired["confidence"] = confidence.cpu() >= cfg.max_confidence
+        if cfg.max_typicality is not None and typicality is not None and cfg.surrogate != "oracle":
+            fired["typical"] = typicality >= cfg.max_typicality
         if cfg.min_agreement is not None:
-            abstain |= agreement.cpu() < cfg.min_agreement
+            fired["agreement"] = agreement.cpu() < cfg.min_agreement
         if cfg.min_gain is not None and cfg.surrogate in ("ngd", "kernel"):
-            abstain |= gain <= cfg.min_gain
-        return abstain
+            fired["gain"] = gain <= cfg.min_gain
+        if cfg.min_holdout_gain is not None and holdout is not None:
+            fired["holdout"] = holdout <= cfg.min_holdout_gain
+        return [next((name for name in GATES if bool(fired[name][i])), None) for i in range(rows)]
 
     # --------------------------------------------------------------------------------------------- apply
     def apply(self, adaptation: Adaptation, prompt_len: int, total_len: int | None = None) -> None:
@@ -452,8 +512,22 @@ class C3PO(RoutingMethod):
         return adaptation
 
     def split_state(self, state: Adaptation, rows: int) -> list[Adaptation]:
+        def row(values: torch.Tensor | None, i: int) -> torch.Tensor | None:
+            return None if values is None else values[i : i + 1]
+
         return [
-            Adaptation(state.pathway.select([i]), state.abstained[i : i + 1], state.neighbours[i : i + 1], state.stats)
+            Adaptation(
+                state.pathway.select([i]),
+                state.abstained[i : i + 1],
+                state.neighbours[i : i + 1],
+                state.stats,
+                row(state.gain, i),
+                row(state.agreement, i),
+                row(state.confidence, i),
+                None if state.gates is None else state.gates[i : i + 1],
+                row(state.holdout_gain, i),
+                row(state.typicality, i),
+            )
             for i in range(rows)
         ]
 
@@ -464,9 +538,36 @@ class C3PO(RoutingMethod):
             {layer: torch.cat([s.pathway.experts[layer] for s in states]) for layer in first.layers},
             {layer: torch.cat([s.pathway.logits[layer] for s in states]) for layer in first.layers},
         )
+
+        def cat(name: str) -> torch.Tensor | None:
+            values = [getattr(s, name) for s in states]
+            return None if any(v is None for v in values) else torch.cat(values)
+
+        gates = None if any(s.gates is None for s in states) else [g for s in states for g in s.gates]
         return Adaptation(
-            pathway, torch.cat([s.abstained for s in states]), torch.cat([s.neighbours for s in states]), {}
+            pathway,
+            torch.cat([s.abstained for s in states]),
+            torch.cat([s.neighbours for s in states]),
+            {},
+            cat("gain"),
+            cat("agreement"),
+            cat("confidence"),
+            gates,
+            cat("holdout_gain"),
+            cat("typicality"),
         )
+
+    def gate_report(self, state: Adaptation) -> dict[str, list[Any]] | None:
+        """Per item: ``gate`` (the gate that kept the base routing, ``None`` where adapted) and what the gates read
+        (``confidence``, ``typicality``, ``gain``, ``agreement``; ``holdout_gain`` for kernel regression)."""
+        if state.gates is None:
+            return None
+        report: dict[str, list[Any]] = {"gate": list(state.gates)}
+        for name in ("confidence", "typicality", "gain", "agreement", "holdout_gain"):
+            values = getattr(state, name)
+            if values is not None:
+                report[name] = [float(v) for v in values.reshape(-1)]
+        return report
 
     @contextlib.contextmanager
     def applied(self, state: Adaptation | None, batch: ContinuationBatch) -> Iterator[None]:

@@ -104,7 +104,8 @@ def official_pathway(stored: torch.Tensor, similarity: torch.Tensor, layers: Seq
 
 @dataclass
 class SurrogateResult:
-    """Per item: the chosen pathway, the neighbours' loss before/after, and cost counters."""
+    """Per item: the chosen pathway, the neighbours' loss before/after, cost counters and, where the surrogate
+    computes it, the leave-one-out :func:`holdout_gain` ``[B]``."""
 
     pathway: Pathway
     loss_before: torch.Tensor
@@ -112,6 +113,27 @@ class SurrogateResult:
     forward_passes: int = 0
     backward_passes: int = 0
     extra: dict[str, float] = field(default_factory=dict)
+    holdout_gain: torch.Tensor | None = None
+
+
+def neighbour_nll(
+    rm: RoutedModel,
+    pathway: Pathway,
+    neighbours: ContinuationBatch,
+    k: int,
+    positions: torch.Tensor,
+    scorer: Callable[[], torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """NLL of each neighbour's gold answer ``[B, k]`` with its item's pathway in the neighbour's forward.
+
+    ``neighbours`` has ``B * k`` rows, item-major; the pathway's ``[B, C]`` state expands over them. ``scorer``
+    (e.g. a :func:`neighbour_scorer`) computes their continuation log-probabilities ``[B * k]``; by default one full
+    forward. Installs the pathway with the unchecked setter (its shapes are the caller's contract).
+    """
+    pathway.install(rm, positions)
+    with rm.row_expansion(k):  # each item's k neighbours: consecutive rows
+        logprobs = scorer() if scorer is not None else continuation_logprobs(rm.model, neighbours)
+    return -logprobs.view(-1, k)
 
 
 def neighbour_loss(
@@ -122,17 +144,36 @@ def neighbour_loss(
     positions: torch.Tensor,
     scorer: Callable[[], torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """Kernel-weighted NLL of the neighbours' gold answers ``[B]`` with each item's pathway in their forward.
+    """Kernel-weighted NLL of the neighbours' gold answers ``[B]`` (weights ``[B, k]``) with each item's pathway in
+    their forward (see :func:`neighbour_nll`)."""
+    nll = neighbour_nll(rm, pathway, neighbours, weights.shape[-1], positions, scorer)
+    return (nll * weights.to(nll.device)).sum(-1)
 
-    ``neighbours`` has ``B * k`` rows, item-major; the pathway's ``[B, C]`` state expands over them. ``scorer``
-    (e.g. a :func:`neighbour_scorer`) computes their continuation log-probabilities ``[B * k]``; by default one full
-    forward. Installs the pathway with the unchecked setter (its shapes are the caller's contract).
+
+def holdout_gain(table: torch.Tensor, weights: torch.Tensor, base: int) -> torch.Tensor:
+    """Leave-one-out check of a choice among candidates ``[B]``: for each neighbour ``j`` the candidate with the
+    lowest weighted loss over the *other* neighbours is chosen, and its loss on ``j`` compared with the base
+    candidate's; returns the relative fall of the held-out loss, ``sum_j w_j (L[base, j] - L[chosen_j, j]) /
+    sum_j w_j L[base, j]`` (0 when every held-out choice is the base; negative when the choices made without ``j``
+    hurt ``j``).
+
+    ``table [B, A, k]`` per-neighbour NLL of each candidate; ``weights [B, k]`` kernel weights; ``base`` the index
+    of the base candidate (the item's own routing) in ``A``. Needs ``k >= 2`` (with one neighbour: zeros).
     """
-    pathway.install(rm, positions)
-    with rm.row_expansion(weights.shape[-1]):  # each item's k neighbours: consecutive rows
-        logprobs = scorer() if scorer is not None else continuation_logprobs(rm.model, neighbours)
-    nll = -logprobs  # [B * k]
-    return (nll.view(weights.shape) * weights.to(nll.device)).sum(-1)
+    rows, _, k = table.shape
+    weights = weights.to(table)
+    if k < 2:
+        return torch.zeros(rows)
+    held = []
+    for j in range(k):
+        others = weights.clone()
+        others[:, j] = 0.0
+        chosen = (table * others[:, None, :]).sum(-1).argmin(-1)  # [B]
+        held.append(table[torch.arange(rows), chosen, j])
+    held_loss = torch.stack(held, dim=-1)  # [B, k]
+    base_loss = table[:, base]  # [B, k]
+    fall = (weights * (base_loss - held_loss)).sum(-1)
+    return (fall / (weights * base_loss).sum(-1).abs().clamp(min=1e-8)).cpu()
 
 
 @contextmanager
@@ -214,7 +255,8 @@ def kernel_regression(
     store: PrefixStore | None = None,
 ) -> SurrogateResult:
     """Blend ``alpha * own + (1 - alpha) * kernel average`` (probabilities over the core) with ``alpha`` chosen per
-    item among ``alphas`` to minimise the neighbours' loss. ``alpha = 1`` is the base routing. ``store``: see
+    item among ``alphas`` to minimise the neighbours' loss. ``alpha = 1`` is the base routing. The per-neighbour
+    losses also give each item's leave-one-out :func:`holdout_gain` (no extra forward). ``store``: see
     :func:`neighbour_scorer`."""
     alphas = sorted(set(float(a) for a in alphas) | {1.0})
     losses, candidates = [], []
@@ -229,9 +271,10 @@ def kernel_regression(
                 mix = alpha * own.omega(layer) + (1 - alpha) * target[layer].to(own.logits[layer].device)
                 logits[layer] = mix.clamp(min=1e-30).log()
             candidate = Pathway(list(own.layers), own.experts, logits)
-            losses.append(neighbour_loss(rm, candidate, neighbours, weights, positions, score).float())
+            losses.append(neighbour_nll(rm, candidate, neighbours, weights.shape[-1], positions, score).float())
             candidates.append(candidate)
-    table = torch.stack(losses, dim=1).cpu()  # [B, A]; one read-back after all candidates
+    per_neighbour = torch.stack(losses, dim=1).cpu()  # [B, A, k]; one read-back after all candidates
+    table = (per_neighbour * weights.cpu()[:, None, :].float()).sum(-1)  # [B, A]
     best = table.argmin(dim=1)
     chosen = {
         layer: torch.stack([candidates[int(a)].logits[layer][b] for b, a in enumerate(best)]).cpu()
@@ -244,6 +287,7 @@ def kernel_regression(
         table.gather(1, best[:, None])[:, 0],
         forward_passes=len(alphas),
         extra={"alpha": float(torch.tensor([alphas[int(a)] for a in best]).mean())},
+        holdout_gain=holdout_gain(per_neighbour, weights.cpu().float(), alphas.index(1.0)),
     )
 
 

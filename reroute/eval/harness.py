@@ -43,6 +43,10 @@ class EvalResult:
         stats: method-specific costs (e.g. forward/backward passes per item); for a method that ``reports_ties``,
             ``ties``: the share of multiple-choice items whose best score several choices share.
         correct: per-item correctness, in item order.
+        gates: per item, the do-no-harm gate that kept the model's own routing (``None``: the item was adapted), for
+            a method with per-item gates (:meth:`~reroute.methods.RoutingMethod.gate_report`); empty otherwise.
+        gate_inputs: per item, the quantities those gates read (e.g. C3PO's ``confidence``, ``gain``,
+            ``agreement``), ``{name: [value per item]}``.
     """
 
     method: str
@@ -57,6 +61,8 @@ class EvalResult:
     stats: dict[str, float] = field(default_factory=dict)
     seed: int = 0
     correct: list[bool] = field(default_factory=list)
+    gates: list[str | None] = field(default_factory=list)
+    gate_inputs: dict[str, list[float]] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -122,6 +128,7 @@ def run_eval(
     name = getattr(method, "name", type(method).__name__)
     torch.manual_seed(seed)
     correct: list[bool] = []
+    reports: list[dict[str, list[Any]] | None] = []
     routed_tokens = active = 0
     method.stats.clear()
     start = time.perf_counter()
@@ -131,6 +138,7 @@ def run_eval(
             with rm.trace(device="cpu") as trace:
                 prompts = prompt_batch(tokenizer, [item["prompt"] for item in batch])
                 state = method.adapt_contexts(batch, prompts)
+                reports.append(method.gate_report(state))
                 if mode == "mc":
                     rows, n_choices = choice_batch(tokenizer, batch)
                     scores = method.continuation_logprobs(rows, state).logprob.view(len(batch), n_choices)
@@ -162,6 +170,7 @@ def run_eval(
     per_domain = {
         d: float(np.mean([c for c, item in zip(correct, items) if str(item.get("domain")) == d])) for d in domains
     }
+    gates, gate_inputs = _gate_columns(reports)
     return EvalResult(
         method=name,
         split=split,
@@ -175,7 +184,19 @@ def run_eval(
         stats={k: v / len(correct) for k, v in method.stats.items()},
         seed=seed,
         correct=correct,
+        gates=gates,
+        gate_inputs=gate_inputs,
     )
+
+
+def _gate_columns(reports: Sequence[dict[str, list[Any]] | None]) -> tuple[list[str | None], dict[str, list[float]]]:
+    """The batches' gate reports as one column per key over all items (empty unless every batch reported)."""
+    if not reports or any(r is None for r in reports):
+        return [], {}
+    keys = [k for k in reports[0] if all(k in r for r in reports)]  # type: ignore[operator]
+    columns = {k: [v for r in reports for v in r[k]] for k in keys}  # type: ignore[index]
+    gates = columns.pop("gate", [])
+    return gates, columns
 
 
 def _answer(item: Item) -> str:

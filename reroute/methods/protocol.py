@@ -118,6 +118,12 @@ class RoutingMethod:
         item-major) and remove it afterwards."""
         yield
 
+    def gate_report(self, state: Any) -> dict[str, list[Any]] | None:
+        """Per row of ``state``: ``{"gate": [name | None], <gate input>: [float], ...}``, the do-no-harm gate that
+        kept the model's own routing for each row (``None``: the row was adapted) and the quantities the gates read
+        (the harness reports them per item). ``None``: the method has no per-row gate (the default)."""
+        return None
+
     # ------------------------------------------------------------------------------------------ scoring
     def next_token_logits(self, batch: ContinuationBatch, state: Any) -> torch.Tensor:
         """Next-token logits ``[B, T - 1, V]`` after each position of ``batch`` under the method; no gradient."""

@@ -91,6 +91,7 @@ BUILTIN_MODULES = (
     "reroute.c3po.method",
     "reroute.rerouting.method",
     "reroute.scmoe.method",
+    "reroute.adapters.method",
     "reroute.methods.oracle",
 )
 """Where the built-in methods register (in this order); the registry imports them on first use."""
