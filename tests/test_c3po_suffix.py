@@ -71,7 +71,9 @@ def test_no_gradient_left_on_offsets_or_weights(family_setup):
     rm, tok, index = family_setup
     test = _items(2, 3)
     for surrogate in ("ngd", "oracle"):
-        C3PO(rm, index, tok, surrogate=surrogate, critical_layers=1, steps=2, max_confidence=None).adapt(test)
+        C3PO(
+            rm, index, tok, surrogate=surrogate, critical_layers=1, steps=2, max_confidence=None, max_typicality=None
+        ).adapt(test)
     assert all(rm.layer(i).offsets.grad is None and rm.layer(i).offsets.requires_grad for i in rm.moe_layers)
     assert all(p.grad is None for p in rm.model.parameters())
 
@@ -120,7 +122,15 @@ def _omega_gap(a: Pathway, b: Pathway) -> float:
 def test_prefix_cache_across_calls_gives_the_uncached_result(family_setup, surrogate):
     """A second batch whose neighbours were cached by the first adapts as with no cache at all."""
     rm, tok, index = family_setup
-    kwargs = dict(surrogate=surrogate, critical_layers=1, core_experts=6, lr=0.3, min_gain=None, max_confidence=None)
+    kwargs = dict(
+        surrogate=surrogate,
+        critical_layers=1,
+        core_experts=6,
+        lr=0.3,
+        min_gain=None,
+        max_confidence=None,
+        max_typicality=None,
+    )
     cached, plain = C3PO(rm, index, tok, **kwargs), C3PO(rm, index, tok, prefix_cache_mib=0, **kwargs)
     first, second = _items(6, 2), _items(6, 5)
     cached.adapt(first)
@@ -168,7 +178,7 @@ def test_prefix_cache_is_emptied_when_the_model_or_its_routing_changes(olmoe_set
     """After a change of the base routing state or of the weights, the cached C3PO recomputes the neighbours'
     prefixes and adapts as a fresh, uncached one does under the new state (never as before the change)."""
     rm, tok, index = olmoe_setup
-    kwargs = dict(critical_layers=1, core_experts=6, lr=0.3, min_gain=None, max_confidence=None)
+    kwargs = dict(critical_layers=1, core_experts=6, lr=0.3, min_gain=None, max_confidence=None, max_typicality=None)
     cached = C3PO(rm, index, tok, **kwargs)
     items = _items(4, 2)
     weights = {name: p.detach().clone() for name, p in rm.model.named_parameters()}
@@ -200,7 +210,7 @@ def test_prefix_cache_respects_its_memory_bound(olmoe_setup):
     """A cache smaller than a batch's neighbours keeps at most its budget (least recently used dropped first) and
     changes no result."""
     rm, tok, index = olmoe_setup
-    kwargs = dict(critical_layers=1, core_experts=6, lr=0.3, min_gain=None, max_confidence=None)
+    kwargs = dict(critical_layers=1, core_experts=6, lr=0.3, min_gain=None, max_confidence=None, max_typicality=None)
     unbounded = C3PO(rm, index, tok, **kwargs)
     reference = [unbounded.adapt(_items(4, seed)) for seed in (2, 5)]
     entry = max(e.nbytes for e in unbounded.prefix_store.entries.values())
