@@ -14,10 +14,6 @@ Imported as ``reroute.kernels.moe`` (never as a top-level ``kernels`` package). 
 4. **combine**: sum of the ``K`` rows of each token in fp32, cast to the hidden dtype (deterministic: no
    atomics).
 
-Dual-route mode runs two routings of the same tokens (SCMoE's strong and weak) as one list of ``K_a + K_b``
-pairs per token: an expert used by both routings is one group, so its weights are read once for both; the
-combine writes one output per routing.
-
 Backward (expert weights frozen or not): gradients with respect to the hidden states and the routing
 weights come from two more grouped kernels (``G = dout W_down`` with the routing-weight gradient
 ``<G, a>`` and ``d(gate, up)`` in the epilogue, then ``d(gate, up) W_gate_up``); if the expert weights
@@ -272,25 +268,21 @@ def _combine_kernel(
     T,
     H,
     K_TOP,
-    K_FIRST,
     E,
     KP: tl.constexpr,
     BH: tl.constexpr,
 ):
-    """out[r, t] = sum of y[t * K + j] over route r's slots j (r = 0: j < K_FIRST, r = 1: the rest)."""
+    """out[t] = sum of y[t * K + j] over the token's slots j whose expert is routable."""
     t = tl.program_id(0).to(tl.int64)
-    r = tl.program_id(1)
-    hb = tl.program_id(2)
-    j0 = r * K_FIRST
-    j1 = tl.where(r == 0, K_FIRST, K_TOP)
-    j = j0 + tl.arange(0, KP)
-    ids = tl.load(ids_ptr + t * K_TOP + j, mask=j < j1, other=-1)
-    jmask = (j < j1) & (ids >= 0) & (ids < E)
+    hb = tl.program_id(1)
+    j = tl.arange(0, KP)
+    ids = tl.load(ids_ptr + t * K_TOP + j, mask=j < K_TOP, other=-1)
+    jmask = (j < K_TOP) & (ids >= 0) & (ids < E)
     offs_h = hb * BH + tl.arange(0, BH)
     hmask = offs_h < H
     y = tl.load(y_ptr + (t * K_TOP + j)[:, None] * H + offs_h[None, :], mask=jmask[:, None] & hmask[None, :], other=0.0)
     total = tl.sum(y.to(tl.float32), axis=0)
-    tl.store(out_ptr + (r * T + t) * H + offs_h, total.to(out_ptr.dtype.element_ty), mask=hmask)
+    tl.store(out_ptr + t * H + offs_h, total.to(out_ptr.dtype.element_ty), mask=hmask)
 
 
 @triton.jit
@@ -308,7 +300,6 @@ def _bwd_down_kernel(
     H: tl.constexpr,
     INTER: tl.constexpr,
     K_TOP: tl.constexpr,
-    K_FIRST: tl.constexpr,
     stride_we,
     stride_wk,
     stride_wn,
@@ -318,7 +309,7 @@ def _bwd_down_kernel(
     IEEE: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
-    """G = dout[route, tok] W_down[e] (over H); d scale = <G, a>; d(gate, up) from G * scale."""
+    """G = dout[tok] W_down[e] (over H); d scale = <G, a>; d(gate, up) from G * scale."""
     pid = tl.program_id(0)
     n_tiles = tl.cdiv(INTER, BN)
     blk = pid // n_tiles
@@ -332,9 +323,7 @@ def _bwd_down_kernel(
     rmask = rows < rowend
     rows64 = rows.to(tl.int64)
     pair = tl.load(plan_ptr + rows, mask=rmask, other=0).to(tl.int64)
-    tok = pair // K_TOP
-    route = tl.where(pair % K_TOP >= K_FIRST, 1, 0)
-    drow = route * T + tok
+    drow = pair // K_TOP
     offs_n = nt * BN + tl.arange(0, BN)
     nmask = offs_n < INTER
     w_base = w_ptr + e.to(tl.int64) * stride_we
@@ -511,12 +500,10 @@ def _forward(
     ids: torch.Tensor,
     gate_up: torch.Tensor,
     down: torch.Tensor,
-    k_first: int,
     transposed: bool,
     save: bool,
 ) -> tuple[torch.Tensor, Plan, torch.Tensor | None]:
-    """Outputs ``[T, H]`` (``[2, T, H]`` when ``k_first < K``: two routes), the plan and (when ``save``) gate/up
-    ``[S, 2I]``."""
+    """Outputs ``[T, H]``, the plan and (when ``save``) gate/up ``[S, 2I]``."""
     T, K = ids.shape
     E = gate_up.shape[0]
     H, INTER, gu_s, dn_s = _layout(gate_up, down, transposed)
@@ -541,21 +528,19 @@ def _forward(
         H, INTER, *dn_s,
         BM=tiles.block_m, BN=bn, BK=bk, MUL_SCALE=True, **opts,
     )  # fmt: skip
-    shape = (T, H) if k_first == K else (2, T, H)
-    out = torch.empty(shape, dtype=hidden.dtype, device=hidden.device)
-    _combine(y, ids, out, k_first, E)
+    out = torch.empty(T, H, dtype=hidden.dtype, device=hidden.device)
+    _combine(y, ids, out, E)
     return out, plan, (gu if save else None)
 
 
-def _combine(y: torch.Tensor, ids: torch.Tensor, out: torch.Tensor, k_first: int, num_experts: int) -> None:
+def _combine(y: torch.Tensor, ids: torch.Tensor, out: torch.Tensor, num_experts: int) -> None:
     T, K = ids.shape
     H = y.shape[-1]
     if T == 0:
         return
     bh = min(1024, _pow2(H))
-    kp = _pow2(max(k_first, K - k_first), floor=1)
-    grid = (T, 1 if out.dim() == 2 else 2, triton.cdiv(H, bh))
-    _launch(_combine_kernel, grid, y, ids, out, T, H, K, k_first, num_experts, KP=kp, BH=bh)
+    grid = (T, triton.cdiv(H, bh))
+    _launch(_combine_kernel, grid, y, ids, out, T, H, K, num_experts, KP=_pow2(K, floor=1), BH=bh)
 
 
 def _backward(
@@ -567,11 +552,10 @@ def _backward(
     down: torch.Tensor,
     gu: torch.Tensor,
     plan: Plan,
-    k_first: int,
     transposed: bool,
     need_weight_grads: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """(d hidden [T, H], d weights [T, K], d gate_up or None, d down or None) from ``dout [R, T, H]``."""
+    """(d hidden [T, H], d weights [T, K], d gate_up or None, d down or None) from ``dout [T, H]``."""
     T, K = ids.shape
     E = gate_up.shape[0]
     S = T * K
@@ -587,7 +571,7 @@ def _backward(
     # d(y) / d(a) uses W_down with (k = H, n = INTER): the forward's down strides swapped
     _launch(_bwd_down_kernel, (plan.num_blocks * n_tiles,),
         dout, down, gu, weights, *plan.args, dgu, dscale,
-        T, H, INTER, K, k_first, dn_s[0], dn_s[2], dn_s[1],
+        T, H, INTER, K, dn_s[0], dn_s[2], dn_s[1],
         BM=tiles.block_m, BN=bn, BK=bk, **opts,
     )  # fmt: skip
     dx_pairs = torch.empty(S, H, dtype=torch.float32, device=hidden.device)
@@ -598,11 +582,11 @@ def _backward(
         BM=tiles.block_m, BN=bn, BK=bk, MUL_SCALE=False, **opts,
     )  # fmt: skip
     dx = torch.empty(T, H, dtype=hidden.dtype, device=hidden.device)
-    _combine(dx_pairs, ids, dx, K, E)
+    _combine(dx_pairs, ids, dx, E)
     dweights = dscale.sum(0).view(T, K).to(weights.dtype)
     d_gate_up = d_down = None
     if need_weight_grads:
-        d_gate_up, d_down = _expert_weight_grads(dout, hidden, weights, ids, gate_up, down, gu, dgu, plan, k_first)
+        d_gate_up, d_down = _expert_weight_grads(dout, hidden, weights, ids, gate_up, down, gu, dgu, plan)
         if transposed:
             d_gate_up, d_down = d_gate_up.transpose(1, 2), d_down.transpose(1, 2)
     return dx, dweights, d_gate_up, d_down
@@ -618,7 +602,6 @@ def _expert_weight_grads(
     gu: torch.Tensor,
     dgu: torch.Tensor,
     plan: Plan,
-    k_first: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Expert-weight gradients in the ``[E, 2I, H]`` / ``[E, H, I]`` layout, per expert with torch (syncs once)."""
     T, K = ids.shape
@@ -629,9 +612,8 @@ def _expert_weight_grads(
     counts = torch.bincount(flat[valid].long(), minlength=E).tolist()
     pairs = plan.sorted_pair[: sum(counts)].long()
     tok = pairs // K
-    route = (pairs % K >= k_first).long()
     x = hidden.reshape(T, -1)[tok].float()
-    d = dout.reshape(-1, dout.shape[-1])[route * T + tok].float() * weights.reshape(-1)[pairs].float()[:, None]
+    d = dout.reshape(-1, dout.shape[-1])[tok].float() * weights.reshape(-1)[pairs].float()[:, None]
     g, u = gu[: len(pairs), :INTER].float(), gu[: len(pairs), INTER:].float()
     a = torch.nn.functional.silu(g) * u
     dg_u = dgu[: len(pairs)].float()
@@ -649,12 +631,12 @@ def _expert_weight_grads(
 
 class _ExpertsFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weights, ids, gate_up, down, k_first, transposed):  # type: ignore[override]
+    def forward(ctx, hidden, weights, ids, gate_up, down, transposed):  # type: ignore[override]
         save = any(ctx.needs_input_grad)
-        out, plan, gu = _forward(hidden, weights, ids, gate_up, down, k_first, transposed, save)
+        out, plan, gu = _forward(hidden, weights, ids, gate_up, down, transposed, save)
         if save:
             ctx.save_for_backward(hidden, weights, ids, gate_up, down, gu)
-            ctx.plan, ctx.k_first, ctx.transposed = plan, k_first, transposed
+            ctx.plan, ctx.transposed = plan, transposed
         return out
 
     @staticmethod
@@ -662,7 +644,7 @@ class _ExpertsFunction(torch.autograd.Function):
         hidden, weights, ids, gate_up, down, gu = ctx.saved_tensors
         need_w = ctx.needs_input_grad[3] or ctx.needs_input_grad[4]
         dx, dw, dgu_w, ddown_w = _backward(
-            dout, hidden, weights, ids, gate_up, down, gu, ctx.plan, ctx.k_first, ctx.transposed, need_w
+            dout, hidden, weights, ids, gate_up, down, gu, ctx.plan, ctx.transposed, need_w
         )
         return (
             dx.to(hidden.dtype) if ctx.needs_input_grad[0] else None,
@@ -670,7 +652,6 @@ class _ExpertsFunction(torch.autograd.Function):
             None,
             dgu_w if ctx.needs_input_grad[3] else None,
             ddown_w if ctx.needs_input_grad[4] else None,
-            None,
             None,
         )
 
@@ -694,16 +675,16 @@ def _check(hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, gate_
         raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devices))}")
 
 
-def _run(hidden, weights, ids, gate_up, down, k_first, transposed) -> torch.Tensor:
+def _run(hidden, weights, ids, gate_up, down, transposed) -> torch.Tensor:
     hidden, weights, ids = hidden.contiguous(), weights.contiguous(), ids.contiguous()
     tracked = (hidden, weights, gate_up, down)
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in tracked)
     if ids.numel() == 0:
-        out = hidden.new_zeros(hidden.shape if k_first == ids.shape[1] else (2, *hidden.shape))
+        out = hidden.new_zeros(hidden.shape)
         return out + sum(t.sum() for t in tracked if t.requires_grad) * 0 if grad else out
     if grad:
-        return _ExpertsFunction.apply(hidden, weights, ids, gate_up, down, k_first, transposed)
-    return _forward(hidden, weights, ids, gate_up, down, k_first, transposed, save=False)[0]
+        return _ExpertsFunction.apply(hidden, weights, ids, gate_up, down, transposed)
+    return _forward(hidden, weights, ids, gate_up, down, transposed, save=False)[0]
 
 
 def moe_experts(
@@ -719,27 +700,7 @@ def moe_experts(
     Differentiable in ``hidden`` and ``weights`` (and, through a slow torch path, in the expert weights).
     """
     _check(hidden, indices, weights, gate_up)
-    return _run(hidden, weights, indices, gate_up, down, indices.shape[1], transposed)
-
-
-def moe_experts_dual(
-    hidden: torch.Tensor,
-    strong: tuple[torch.Tensor, torch.Tensor],
-    weak: tuple[torch.Tensor, torch.Tensor],
-    gate_up: torch.Tensor,
-    down: torch.Tensor,
-    transposed: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Two routings ``(indices [T, k_a], weights)`` and ``(indices [T, k_b], weights)`` of the same tokens in one
-    dispatch; every expert's weights are read once for both. Returns ``(out_strong, out_weak)``, each ``[T, H]``."""
-    (ids_a, w_a), (ids_b, w_b) = strong, weak
-    _check(hidden, ids_a, w_a, gate_up)
-    _check(hidden, ids_b, w_b, gate_up)
-    dtype = torch.promote_types(w_a.dtype, w_b.dtype)
-    ids = torch.cat([ids_a, ids_b.to(ids_a.dtype)], dim=1)
-    weights = torch.cat([w_a.to(dtype), w_b.to(dtype)], dim=1)
-    out = _run(hidden, weights, ids, gate_up, down, ids_a.shape[1], transposed)
-    return out[0], out[1]
+    return _run(hidden, weights, indices, gate_up, down, transposed)
 
 
 def reference_moe(

@@ -146,30 +146,6 @@ def test_backward_into_expert_weights() -> None:
         assert rel(got, want) < 1e-5
 
 
-def test_dual_route_equals_two_single_routes(path: str) -> None:
-    T, E, H, inter = 6, 8, 32, 16
-    gate_up, down = weights_for(E, H, inter, torch.float32, seed=18)
-    strong = routing(T, 3, E, seed=19)
-    weak = (strong[0][:, :1].clone(), torch.ones(T, 1, device=DEVICE))  # rank-1 weak routing, a subset of strong
-    weak[0][0, 0] = (strong[0][0] + 1).remainder(E).max()  # one token's weak expert outside its strong set
-    x = torch.randn(T, H, generator=torch.Generator().manual_seed(20)).to(DEVICE)
-    grad_a = torch.randn(T, H, generator=torch.Generator().manual_seed(21)).to(DEVICE)
-    grad_b = torch.randn(T, H, generator=torch.Generator().manual_seed(22)).to(DEVICE)
-
-    xd, wa, wb = x.clone().requires_grad_(), strong[1].clone().requires_grad_(), weak[1].clone().requires_grad_()
-    out_a, out_b = moe.moe_experts_dual(xd, (strong[0], wa), (weak[0], wb), gate_up, down)
-    (out_a * grad_a + out_b * grad_b).sum().backward()
-
-    xs, wa_s, wb_s = x.clone().requires_grad_(), strong[1].clone().requires_grad_(), weak[1].clone().requires_grad_()
-    single_a = moe.moe_experts(xs, strong[0], wa_s, gate_up, down)
-    single_b = moe.moe_experts(xs, weak[0], wb_s, gate_up, down)
-    (single_a * grad_a + single_b * grad_b).sum().backward()
-
-    assert rel(out_a, single_a) < 1e-6 and rel(out_b, single_b) < 1e-6
-    assert rel(xd.grad, xs.grad) < 1e-5
-    assert rel(wa.grad, wa_s.grad) < 1e-5 and rel(wb.grad, wb_s.grad) < 1e-5
-
-
 def test_plan_groups_pairs_without_padding(path: str) -> None:
     """The align step: every valid pair once, grouped by expert in stable order; blocks stay inside an expert."""
     E = 8

@@ -8,10 +8,10 @@ Run on one GPU from the repository root::
 Per shape and tokens M: µs per layer (median of CUDA-event timings, ``triton.testing.do_bench``) for transformers'
 ``eager``, ``batched_mm`` and ``grouped_mm`` experts implementations and ours, all on the same experts module
 (an ``OlmoeExperts`` built at the shape: every supported family's experts have the same structure); achieved
-bandwidth = bytes of the experts actually touched / our time, as a fraction of the GPU's peak; dual-route
-(strong top-k + SCMoE rank-2 weak routing in one launch) over single-route time; forward+backward time (gradients
-for hidden states and routing weights, expert weights frozen) for grouped_mm and ours. ``batched_mm`` copies
-every selected expert's weights per token, so it is skipped where that copy would not fit in GPU memory.
+bandwidth = bytes of the experts actually touched / our time, as a fraction of the GPU's peak; forward+backward
+time (gradients for hidden states and routing weights, expert weights frozen) for grouped_mm and ours.
+``batched_mm`` copies every selected expert's weights per token, so it is skipped where that copy would not fit in
+GPU memory.
 End to end: decode tokens/s of an OLMoE-1B-7B-shaped model with random bf16 weights, plain ``generate()``
 against the same model attached with the kernels.
 """
@@ -103,7 +103,6 @@ def bench_layer(name: str, tokens_list: tuple[int, ...], peak: float | None, log
 
     from reroute.compat import set_experts_implementation
     from reroute.kernels import experts as bridge
-    from reroute.kernels import moe
 
     shape = SHAPES[name]
     E, k, H, inter, _, _ = shape
@@ -145,18 +144,6 @@ def bench_layer(name: str, tokens_list: tuple[int, ...], peak: float | None, log
             (row[f"{i}_graph_us"] for i in ("batched_mm", "grouped_mm") if row.get(f"{i}_graph_us")), default=None
         )
         row["graph_speedup_vs_best_hf"] = ratio(best, row.get("ours_graph_us"))
-        # dual route: strong top-k + SCMoE's rank-2 weak routing (the second-ranked expert alone)
-        weak = (ids[:, 1:2].contiguous(), torch.ones(tokens, 1, device="cuda", dtype=torch.bfloat16))
-        with torch.no_grad():
-            row["dual_us"] = time_us(
-                functools.partial(moe.moe_experts_dual, x, (ids, w), weak, module.gate_up_proj, module.down_proj)
-            )
-            set_experts_implementation(config, bridge.NAME)
-            dual_rotation = [(r, (r[0][:, 1:2].contiguous(), weak[1])) for r in rotation]
-            dual = functools.partial(moe.moe_experts_dual, gate_up=module.gate_up_proj, down=module.down_proj)
-            row["dual_graph_us"] = graph_us(dual, x, dual_rotation)
-        row["dual_over_single"] = ratio(row["dual_us"], row["ours_us"])
-        row["dual_over_single_graph"] = ratio(row["dual_graph_us"], row.get("ours_graph_us"))
         # forward + backward (hidden states and routing weights; expert weights frozen)
         grad = torch.randn_like(x)
         for impl, key in (("grouped_mm", "grouped_mm_fwd_bwd_us"), (bridge.NAME, "ours_fwd_bwd_us")):
@@ -191,8 +178,6 @@ COLUMNS = (
     ("graph: ours µs", "ours_graph_us", ".1f"),
     ("graph: % peak BW", "ours_graph_bw_pct", ".0f"),
     ("graph: × best HF", "graph_speedup_vs_best_hf", ".1f"),
-    ("dual/single", "dual_over_single", ".2f"),
-    ("graph: dual/single", "dual_over_single_graph", ".2f"),
     ("fwd+bwd grouped µs", "grouped_mm_fwd_bwd_us", ".0f"),
     ("fwd+bwd ours µs", "ours_fwd_bwd_us", ".0f"),
 )

@@ -122,18 +122,6 @@ def test_backward_real_shapes(name: str, tokens: int) -> None:
     assert rel(dw, dw_ref) < GRAD_TOL[dtype]
 
 
-@pytest.mark.parametrize("tokens", [1, 16])
-def test_dual_route_real_shape(tokens: int) -> None:
-    dtype = torch.bfloat16
-    gate_up, down = expert_weights("olmoe_1b_7b", dtype)
-    ids, w = route("olmoe_1b_7b", tokens, seed=3, dtype=dtype)
-    weak = (ids[:, 1:2].contiguous(), torch.ones(tokens, 1, device="cuda", dtype=dtype))  # SCMoE rank-2 routing
-    x = torch.randn(tokens, 2048, device="cuda", dtype=dtype)
-    strong_out, weak_out = moe.moe_experts_dual(x, (ids, w), weak, gate_up, down)
-    assert rel(strong_out, moe.reference_moe(x, ids, w, gate_up, down)) < FORWARD_TOL[dtype]
-    assert rel(weak_out, moe.reference_moe(x, *weak, gate_up, down)) < FORWARD_TOL[dtype]
-
-
 def test_decode_path_is_cuda_graph_capturable() -> None:
     """No device-to-host synchronisation at decode size: the dispatch captures into a CUDA graph and replays."""
     dtype = torch.bfloat16
