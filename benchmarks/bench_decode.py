@@ -253,7 +253,8 @@ def main() -> None:
         errors: dict[str, str] = {}
         # plain transformers first, then the attached variants: attaching anew makes new state buffers, which the
         # compiled graphs guard on, so interleaving the two groups would time a recompilation in every round
-        groups = [[name for name in runs if name.startswith("hf_")], [name for name in runs if not name.startswith("hf_")]]
+        plain_names = [name for name in runs if name.startswith("hf_")]
+        groups = [plain_names, [name for name in runs if name not in plain_names]]
         order = [(round_idx, name) for group in groups for round_idx in range(args.repeats + 1) for name in group]
         for round_idx, name in order:
             fn = runs[name]
