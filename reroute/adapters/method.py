@@ -92,6 +92,52 @@ class AdapterFit:
         return directory
 
 
+def _check_items(items: Sequence[Item], config: AdapterConfig) -> None:
+    for position, item in enumerate(items):
+        if config.prompt_field not in item:
+            raise ValueError(f"reference item {position} has no {config.prompt_field!r} field (config.prompt_field)")
+        if "answer" not in item and not ("choices" in item and "label" in item):
+            raise ValueError(f"reference item {position} has no gold answer ('answer', or 'choices' and 'label')")
+
+
+def _fit_gold(
+    rm: RoutedModel,
+    tokenizer: Any,
+    items: Sequence[Item],
+    params: list[torch.Tensor],
+    config: AdapterConfig,
+    max_norm: float | None,
+) -> tuple[float, float, list[float]]:
+    """Adam on ``params`` over shuffled mini-batches of ``items``' gold-answer loss (plus ``config.l2``), each
+    tensor's norm clipped to ``max_norm`` after every step. Returns (mean loss before, after, per-step losses)."""
+    order = list(range(len(items)))
+    rng = random.Random(config.seed)
+    history: list[float] = []
+    loss_before = _mean_loss(rm, tokenizer, items, config)
+    optimizer = torch.optim.Adam(params, lr=config.lr)
+    cursor = len(order)
+    for _ in range(config.steps):
+        if cursor + config.batch_size > len(order):
+            rng.shuffle(order)
+            cursor = 0
+        batch = [items[i] for i in order[cursor : cursor + config.batch_size]]
+        cursor += config.batch_size
+        loss = gold_loss(rm, tokenizer, batch, config.prompt_field).mean()
+        if config.l2 > 0:
+            loss = loss + config.l2 * sum(p.pow(2).sum() for p in params)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if max_norm is not None:
+            with torch.no_grad():
+                for p in params:
+                    p.mul_(torch.clamp(max_norm / (p.norm() + 1e-12), max=1.0))
+        history.append(float(loss.detach()))
+    for p in params:
+        p.grad = None
+    return loss_before, _mean_loss(rm, tokenizer, items, config), history
+
+
 def fit_adapter(
     rm: RoutedModel, tokenizer: Any, items: Sequence[Item], config: AdapterConfig | None = None, **overrides: Any
 ) -> AdapterFit:
@@ -105,43 +151,14 @@ def fit_adapter(
     rm._check_attached()
     if not items:
         raise ValueError("no reference items to fit the adapter on")
-    for position, item in enumerate(items):
-        if config.prompt_field not in item:
-            raise ValueError(f"reference item {position} has no {config.prompt_field!r} field (config.prompt_field)")
-        if "answer" not in item and not ("choices" in item and "label" in item):
-            raise ValueError(f"reference item {position} has no gold answer ('answer', or 'choices' and 'label')")
+    _check_items(items, config)
     layers = rm._select(None if config.layers == "all" else list(config.layers))
     params = [layer.offsets for layer in layers]
     saved = [p.detach().clone() for p in params]
     start = time.perf_counter()
-    order = list(range(len(items)))
-    rng = random.Random(config.seed)
-    history: list[float] = []
     try:
-        loss_before = _mean_loss(rm, tokenizer, items, config)
-        optimizer = torch.optim.Adam(params, lr=config.lr)
-        cursor = len(order)
         with frozen_weights(rm.model):
-            for _ in range(config.steps):
-                if cursor + config.batch_size > len(order):
-                    rng.shuffle(order)
-                    cursor = 0
-                batch = [items[i] for i in order[cursor : cursor + config.batch_size]]
-                cursor += config.batch_size
-                loss = gold_loss(rm, tokenizer, batch, config.prompt_field).mean()
-                if config.l2 > 0:
-                    loss = loss + config.l2 * sum(p.pow(2).sum() for p in params)
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-                if config.max_norm is not None:
-                    with torch.no_grad():
-                        for p in params:
-                            p.mul_(torch.clamp(config.max_norm / (p.norm() + 1e-12), max=1.0))
-                history.append(float(loss.detach()))
-        for p in params:
-            p.grad = None
-        loss_after = _mean_loss(rm, tokenizer, items, config)
+            loss_before, loss_after, history = _fit_gold(rm, tokenizer, items, params, config, config.max_norm)
     except BaseException:
         with torch.no_grad():
             for p, value in zip(params, saved):
@@ -370,11 +387,7 @@ def fit_router_lora(
         raise ValueError(f"rank must be a positive integer, got {rank!r}")
     if not items:
         raise ValueError("no reference items to fit the router delta on")
-    for position, item in enumerate(items):
-        if config.prompt_field not in item:
-            raise ValueError(f"reference item {position} has no {config.prompt_field!r} field (config.prompt_field)")
-        if "answer" not in item and not ("choices" in item and "label" in item):
-            raise ValueError(f"reference item {position} has no gold answer ('answer', or 'choices' and 'label')")
+    _check_items(items, config)
     rm = attach(model)
     routers = {id(rm.layer(i).router) for i in rm.moe_layers}
     names = [name for name, module in model.named_modules() if id(module) in routers]
@@ -386,26 +399,5 @@ def fit_router_lora(
     rm = attach(wrapped)
     params = [p for name, p in wrapped.named_parameters() if "lora_" in name and p.requires_grad]
     start = time.perf_counter()
-    order = list(range(len(items)))
-    rng = random.Random(config.seed)
-    history: list[float] = []
-    loss_before = _mean_loss(rm, tokenizer, items, config)
-    optimizer = torch.optim.Adam(params, lr=config.lr)
-    cursor = len(order)
-    for _ in range(config.steps):
-        if cursor + config.batch_size > len(order):
-            rng.shuffle(order)
-            cursor = 0
-        batch = [items[i] for i in order[cursor : cursor + config.batch_size]]
-        cursor += config.batch_size
-        loss = gold_loss(rm, tokenizer, batch, config.prompt_field).mean()
-        if config.l2 > 0:
-            loss = loss + config.l2 * sum(p.pow(2).sum() for p in params)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        history.append(float(loss.detach()))
-    for p in params:
-        p.grad = None
-    loss_after = _mean_loss(rm, tokenizer, items, config)
+    loss_before, loss_after, history = _fit_gold(rm, tokenizer, items, params, config, max_norm=None)
     return RouterLoraFit(wrapped, loss_before, loss_after, history, time.perf_counter() - start)
