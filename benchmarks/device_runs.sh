@@ -15,6 +15,13 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}." PYTHONUNBUFFERED=1
+case "${1:-}" in
+decode-b1 | decode-b16 | decode-qwen3 | gpu-tests | c3po | arc) ;;
+*)
+  sed -n '2,13p' "$0"
+  exit 2
+  ;;
+esac
 out="${OUT:-benchmarks/results/device}"
 mkdir -p "$out"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >"$out/gpu.txt" 2>&1 || true
@@ -51,9 +58,5 @@ arc)
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/faiss_cpu-*.whl || exit 1
   PYTHONPATH="/tmp/site:$PYTHONPATH" timeout 560 python3 benchmarks/full_scale_arc.py --data .carry/full_scale_arc \
     --out "$out/full_scale_arc.json" 2>&1 | tee "$out/full_scale_arc.log"
-  ;;
-*)
-  sed -n '2,13p' "$0"
-  exit 2
   ;;
 esac
