@@ -179,7 +179,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reference-size", type=int, default=None, help="reference items (default: 1500, --tiny 24)")
     parser.add_argument("--batch-size", type=int, default=None, help="items per batch (default: 16, --tiny 4)")
     parser.add_argument("--methods", default=None, help=f"comma-separated of {', '.join(METHODS)} (default: all)")
-    parser.add_argument("--embedder", default="lexical", help="C3PO retrieval embedder (default: lexical)")
+    parser.add_argument(
+        "--embedder", default="text", help="C3PO retriever (default: text: minilm where installed, else lexical)"
+    )
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     args = parser.parse_args(argv)
     if args.prepare:

@@ -222,9 +222,13 @@ def method_settings(names: Sequence[str], assignments: Sequence[str]) -> dict[st
 
 
 def _cache_name(rm: Any, data: Path, embedder: str | None, query_field: str, mode: str) -> str:
-    """Index cache folder name: the model's fingerprint, the data's content, the embedder and the query field."""
-    key = json.dumps([rm.fingerprint(), hashlib.sha256(data.read_bytes()).hexdigest(), embedder, query_field, mode])
-    return f"index-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+    """Index cache folder name: the model's fingerprint, the data's content, the embedder (as resolved: ``"text"``
+    names whichever text retriever is installed) and the query field."""
+    from reroute.c3po.embed import embedder_name
+
+    content = hashlib.sha256(data.read_bytes()).hexdigest()
+    parts = [rm.fingerprint(), content, embedder_name(embedder), query_field, mode]
+    return f"index-{hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]}"
 
 
 def _reference_index(args: argparse.Namespace, rm: Any, tokenizer: Any) -> Any:
@@ -694,8 +698,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ev.add_argument(
         "--embedder",
-        help="C3PO retrieval embedder for --reference or the testbed: hidden | pathway | lexical | a "
-        "sentence-transformers name (default: lexical on the testbed, else hidden, as ReferenceIndex.build)",
+        help="C3PO retrieval embedder for --reference or the testbed: hidden | pathway | lexical | minilm | text "
+        "(minilm where installed, else lexical) | a sentence-transformers name (default: lexical on the testbed, "
+        "else hidden, as ReferenceIndex.build)",
     )
     ev.add_argument(
         "--query-field",
@@ -752,7 +757,11 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--data", required=True, help="JSONL file of reference items")
     build.add_argument("--out", required=True, help="the index folder to write (resumed if it holds one)")
     build.add_argument("--model", default="testbed", help="'testbed' or a local from_pretrained folder")
-    build.add_argument("--embedder", help="hidden (default) | pathway | lexical | a sentence-transformers name")
+    build.add_argument(
+        "--embedder",
+        help="hidden (default) | pathway | lexical | minilm | text (minilm where installed, else lexical) | a "
+        "sentence-transformers name",
+    )
     build.add_argument("--query-field", default="prompt", help="item field embedded for retrieval (default prompt)")
     build.add_argument("--mode", choices=["mc", "gen"], default="mc", help="how answers are checked (default mc)")
     build.add_argument("--batch-size", type=_positive_int, default=16, help="items per batch (default 16)")
