@@ -122,6 +122,34 @@ def test_static_cache_generate_equals_dynamic(name: str) -> None:
     assert torch.equal(static, dynamic)
 
 
+def test_c3po_generate_with_a_static_cache_equals_dynamic() -> None:
+    """C3PO's re-mixed generation decodes with the compiled step too: the same tokens, logits equal to float
+    rounding, and the re-mixing reaches them (they differ from the base model's)."""
+    from conftest import random_mc_items
+
+    from reroute.c3po import C3PO, ReferenceIndex
+    from reroute.testing import tiny_tokenizer
+
+    model = tiny_model("olmoe").eval()
+    rm, tok = reroute.attach(model), tiny_tokenizer()
+    index = ReferenceIndex.build(rm, tok, random_mc_items(32, 1, 6), progress=False)
+    gates_off = dict(max_confidence=None, max_typicality=None, min_gain=None)
+    c3po = C3PO(rm, index, tok, critical_layers=1, core_experts=4, **gates_off)
+    ids = torch.randint(3, 96, (2, 6), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[0, 0] = 0  # left padding
+    kwargs = dict(input_ids=ids, attention_mask=mask, max_new_tokens=7, do_sample=False, pad_token_id=0,
+                  return_dict_in_generate=True, output_logits=True)  # fmt: skip
+    dynamic = c3po.generate(**kwargs)
+    static = c3po.generate(cache_implementation="static", compile_config=_compile_config(), **kwargs)
+    assert graphs() >= 1
+    assert torch.equal(static.sequences, dynamic.sequences)
+    for ours, reference in zip(static.logits, dynamic.logits):
+        torch.testing.assert_close(ours, reference, rtol=0, atol=1e-5)
+    base = model.generate(**kwargs)
+    assert (dynamic.logits[0] - base.logits[0]).abs().max() > 1e-4
+
+
 def test_mixing_positions_under_a_static_cache_read_the_device_count(tokens: torch.Tensor) -> None:
     """Re-mixing at a decode position: the compiled step finds the position from the static cache's device-side
     length (no host sync), as eager does from the dynamic cache."""
