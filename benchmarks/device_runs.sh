@@ -47,6 +47,11 @@ decode-qwen3)
     rerouter_compiled scmoe_compiled --json "$out/decode_qwen3-30b-a3b_12layers.json" 2>&1 | tee "$out/decode_qwen3.log"
   ;;
 gpu-tests)
+  # the C3PO case needs faiss: a faiss-cpu wheel in .whl, where one was carried
+  if ls .whl/faiss_cpu-*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/faiss_cpu-*.whl
+    export PYTHONPATH="/tmp/site:$PYTHONPATH"
+  fi
   timeout 560 python3 -m pytest tests/gpu -q -p no:cacheprovider -o addopts="" 2>&1 | tee "$out/gpu_tests.log"
   ;;
 c3po)

@@ -77,3 +77,24 @@ def test_static_cache_generate_with_kernels_equals_dynamic() -> None:
         reroute.Rerouter(rm, interval=4, steps=2).generate,
     ):
         assert torch.equal(generate(**kwargs, **static), generate(**kwargs))
+
+
+def test_c3po_static_cache_generate_with_kernels_equals_dynamic() -> None:
+    """C3PO's re-mixed generation on the compiled (CUDA-graph) step with the Triton kernels: the dynamic cache's
+    tokens. Needs faiss (carry a faiss-cpu wheel: ``benchmarks/device_runs.sh gpu-tests`` installs one from .whl)."""
+    pytest.importorskip("faiss")
+    from conftest import random_mc_items
+
+    from reroute.c3po import C3PO, ReferenceIndex
+    from reroute.testing import tiny_tokenizer
+
+    model = tiny_model("olmoe").cuda().eval()
+    rm, tok = reroute.attach(model), tiny_tokenizer()
+    index = ReferenceIndex.build(rm, tok, random_mc_items(32, 1, 6), progress=False)
+    c3po = C3PO(rm, index, tok, critical_layers=1, core_experts=4, max_confidence=None, max_typicality=None,
+                min_gain=None)  # fmt: skip
+    ids = torch.randint(3, 96, (2, 8), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+    kwargs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
+                  pad_token_id=0)  # fmt: skip
+    static = c3po.generate(cache_implementation="static", compile_config=CompileConfig(), **kwargs)
+    assert torch.equal(static, c3po.generate(**kwargs))
