@@ -24,6 +24,29 @@ def graphs() -> int:
     return counters["stats"]["unique_graphs"]
 
 
+class StaticAddresses:
+    """A dynamo backend that runs each graph as traced and records, per call, the addresses of its static inputs:
+    the tensors a CUDA graph replay reads in place (dynamo makes every tensor reached through a module static;
+    cudagraph trees record the graph again whenever one has moved)."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[int, dict[int, int]]] = []
+
+    def __call__(self, gm: torch.fx.GraphModule, example_inputs: list) -> object:
+        placeholders = [node for node in gm.graph.nodes if node.op == "placeholder"]
+        static = [i for i, node in enumerate(placeholders) if node.meta.get("tensor_dict", {}).get(STATIC_TYPE)]
+
+        def run(*args: object) -> object:
+            addresses = {i: args[i].data_ptr() for i in static if isinstance(args[i], torch.Tensor)}
+            self.calls.append((id(gm), addresses))
+            return gm.forward(*args)
+
+        return run
+
+
+STATIC_TYPE = "_dynamo_static_input_type"
+
+
 def compare(model: torch.nn.Module, compiled, tokens: torch.Tensor) -> float:
     with torch.no_grad():
         return float((model(tokens).logits - compiled(tokens).logits).abs().max())
@@ -51,7 +74,8 @@ def test_state_changes_reuse_the_compiled_graph(family: str, tokens: torch.Tenso
     model = tiny_model(family).eval()
     rm = reroute.attach(model)
     layers, experts = rm.moe_layers, rm.num_experts
-    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    backend = StaticAddresses()
+    compiled = torch.compile(model, backend=backend, fullgraph=True)
     generator = torch.Generator().manual_seed(1)
     last = tokens.shape[1] - 1
     policies = [RoutingPolicy(top_k=1), RoutingPolicy(rank=2), RoutingPolicy(top_p=0.6, max_experts=2),
@@ -69,10 +93,35 @@ def test_state_changes_reuse_the_compiled_graph(family: str, tokens: torch.Tenso
         if round_idx == 0:
             warm = graphs()
     assert graphs() == warm
+    # new values of the same shapes land at the same addresses: a CUDA graph of this forward replays, unrecorded
+    graph_id, addresses = backend.calls[0]
+    assert addresses and all(call == (graph_id, addresses) for call in backend.calls)
     rm.reset()
     rm.clear_mixing()
     rm.set_row_offsets({layers[-1]: torch.zeros(tokens.shape[0], experts)})
     assert compare(model, compiled, tokens) < 1e-5
+
+
+def test_state_a_caller_saved_is_not_overwritten_by_the_next(tokens: torch.Tensor) -> None:
+    """The compiled path reads copies held at fixed addresses; the tensors callers set (and save, to restore
+    later, as SCMoE's weak routing and the rerouting phases do) stay theirs."""
+    model = tiny_model("olmoe").eval()
+    rm = reroute.attach(model)
+    layer, experts = rm.layer(rm.moe_layers[-1]), rm.num_experts
+    compiled = torch.compile(model, backend=StaticAddresses(), fullgraph=True)
+    first, second = torch.randn(2, tokens.shape[0], experts, generator=torch.Generator().manual_seed(0))
+    rm.set_row_offsets({layer.layer_idx: first})
+    rm.set_policy(RoutingPolicy(top_k=1), layers=layer.layer_idx, rows=torch.tensor([True, False]))
+    saved, saved_rows = layer.row_offsets, layer.policy_rows
+    with torch.no_grad():
+        expected = model(tokens).logits
+    rm.set_row_offsets({layer.layer_idx: second})
+    rm.set_policy(RoutingPolicy(top_k=1), layers=layer.layer_idx, rows=torch.tensor([False, True]))
+    assert compare(model, compiled, tokens) < 1e-5
+    assert torch.equal(saved, first) and saved_rows.tolist() == [True, False]
+    layer.row_offsets, layer.policy_rows = saved, saved_rows
+    with torch.no_grad():
+        assert float((compiled(tokens).logits - expected).abs().max()) < 1e-5
 
 
 def test_widening_policy_is_one_recompile_then_reused(tokens: torch.Tensor) -> None:

@@ -22,6 +22,7 @@ tests check this path against it on every family.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import TYPE_CHECKING
 
 import torch
@@ -29,7 +30,7 @@ import torch
 from reroute.routing.policy import MASK_BANNED, MASK_FORCED, ExpertMask, RoutingPolicy, mask_codes, pad_slots
 
 if TYPE_CHECKING:
-    from reroute.routing.layer import LayerRouting
+    from reroute.routing.layer import LayerRouting, Mixing
 
 TOP_P_OFF = 2.0
 """``top_p`` value that keeps every slot (the normalised mass before a slot never reaches 2)."""
@@ -44,6 +45,14 @@ class GraphState:
         policy_ints: long ``[3]``: experts to select (top-k, top-p's cap, or the rank), rank (0: not rank-k),
             renormalisation (-1: as the family, 0: no, 1: yes).
         policy_top_p: float32 ``[1]``: top-p threshold (:data:`TOP_P_OFF`: not top-p).
+        row_offsets, policy_rows, mixing: what the compiled path reads for the layer's per-row offsets, policy
+            rows and re-mixing: copies held at fixed addresses (see :meth:`hold`), kept in step by the layer's
+            setters.
+
+    Dynamo treats every tensor attribute of a module as a static input of a CUDA graph: a replay reads it at the
+    address it had when the graph was recorded, and a tensor at a new address makes cudagraph trees record the
+    graph again (on every change: those re-recordings are not even counted towards its limit). So the setters never
+    hand the compiled path a new tensor where the old one has the same shape: they copy the values into it.
     """
 
     def __init__(self, num_experts: int, top_k: int, device: torch.device) -> None:
@@ -52,7 +61,42 @@ class GraphState:
         self.mask_codes = torch.zeros(num_experts, dtype=torch.int8, device=device)
         self.policy_ints = torch.tensor([top_k, 0, -1], dtype=torch.long, device=device)
         self.policy_top_p = torch.full((1,), TOP_P_OFF, dtype=torch.float32, device=device)
+        self.row_offsets: torch.Tensor | None = None
+        self.policy_rows: torch.Tensor | None = None
+        self.mixing: Mixing | None = None
+        self._held: dict[str, torch.Tensor] = {}
         self._mark_static()
+
+    def hold(self, name: str, value: torch.Tensor | None) -> torch.Tensor | None:
+        """``value``'s values in this state's buffer ``name``: the same tensor at the same address on every call
+        with the same shape, dtype and device (a new buffer otherwise). ``None`` stays ``None``; a tensor that
+        requires grad is returned as it is (an optimisation loop differentiates through it; it runs eager).
+
+        The buffer is never handed out to callers that keep it (the layer's attributes keep the caller's tensor),
+        so copying into it cannot change a tensor someone saved."""
+        if value is None or value.requires_grad:
+            return value
+        buffer = self._held.get(name)
+        layout = (value.shape, value.dtype, value.device)
+        if buffer is None or (buffer.shape, buffer.dtype, buffer.device) != layout:
+            buffer = torch.empty(value.shape, dtype=value.dtype, device=value.device)
+            if buffer.is_cuda:
+                torch._dynamo.mark_static_address(buffer)
+            self._held[name] = buffer
+        with torch.no_grad():
+            buffer.copy_(value)
+        return buffer
+
+    def hold_mixing(self, mixing: Mixing | None) -> Mixing | None:
+        """:meth:`hold` for each tensor of a re-mixing state."""
+        if mixing is None:
+            return None
+        return dataclasses.replace(
+            mixing,
+            experts=self.hold("mixing.experts", mixing.experts),
+            logits=self.hold("mixing.logits", mixing.logits),
+            positions=self.hold("mixing.positions", mixing.positions),
+        )
 
     def tensors(self) -> tuple[torch.Tensor, ...]:
         return self.mask_codes, self.policy_ints, self.policy_top_p
@@ -67,6 +111,7 @@ class GraphState:
         if self.mask_codes.device != device:
             self.mask_codes, self.policy_ints, self.policy_top_p = (t.to(device) for t in self.tensors())
             self._mark_static()
+            self._held = {name: buffer for name, buffer in self._held.items() if buffer.device == device}
 
     def write_mask(self, mask: ExpertMask | None) -> None:
         with torch.no_grad():
@@ -93,20 +138,20 @@ def route(
     router, rule, graph = layer.router, layer.rule, layer.graph
     num_tokens = logits.shape[0]
     logits = logits + layer.offsets.to(logits.dtype)
-    if layer.row_offsets is not None:
+    if graph.row_offsets is not None:
         batch, seq = layer.batch_shape(num_tokens)
-        rows = layer.expand_state_rows(layer.row_offsets, batch, "row offsets").to(logits.dtype)
+        rows = layer.expand_state_rows(graph.row_offsets, batch, "row offsets").to(logits.dtype)
         logits = (logits.view(batch, seq, -1) + rows[:, None, :]).view(num_tokens, -1)
     weights, indices = rule.route(router, logits, input_dtype)
-    policy, mask, mixing = layer.policy, layer.mask, layer.mixing
+    policy, mask, mixing = layer.policy, layer.mask, graph.mixing
     if policy is None and mask is None and mixing is None:
         return logits, weights, indices
 
     scores = rule.scores(router, logits)
     mixed = core = omega = None
     if mixing is not None:
-        mixed = layer._mixing_tokens(num_tokens)
-        scores, core, omega = layer._apply_mixing(scores, mixed)
+        mixed = layer._mixing_tokens(num_tokens, mixing)
+        scores, core, omega = layer._apply_mixing(scores, mixed, mixing)
     choice = rule.choice(router, scores)
     if mask is not None:
         codes = graph.mask_codes
@@ -122,7 +167,7 @@ def route(
     family_renorm = torch.tensor(rule.renormalizes(router), device=logits.device)
     on = torch.zeros(num_tokens, dtype=torch.bool, device=logits.device)
     if policy is not None:
-        on = torch.ones_like(on) if layer.policy_rows is None else layer.policy_tokens(num_tokens)
+        on = torch.ones_like(on) if graph.policy_rows is None else layer.policy_tokens(num_tokens, graph.policy_rows)
     count, rank, renorm_code = graph.policy_ints.unbind()
     count = torch.where(on, count, layer.top_k)
     rank = torch.where(on, rank, 0)

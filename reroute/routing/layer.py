@@ -148,11 +148,11 @@ class LayerRouting:
         self.offsets = nn.Parameter(torch.zeros(self.num_experts, device=device, dtype=torch.float32))
         self.graph = GraphState(self.num_experts, self.top_k, device)
         self.mark_static()
-        self.row_offsets: torch.Tensor | None = None
+        self._row_offsets: torch.Tensor | None = None
         self._policy: RoutingPolicy | None = None
-        self.policy_rows: torch.Tensor | None = None
+        self._policy_rows: torch.Tensor | None = None
         self._mask: ExpertMask | None = None
-        self.mixing: Mixing | None = None
+        self._mixing: Mixing | None = None
         self.exact_mixing_gradient = False
         self.kernels = False
         self.replay: LayerReplay | None = None
@@ -176,6 +176,35 @@ class LayerRouting:
     def mask(self, mask: ExpertMask | None) -> None:
         self.graph.write_mask(mask)
         self._mask = mask
+
+    # per-row state and re-mixing: the attribute keeps the assigned tensor (callers save and restore it), and the
+    # compiled path reads ``graph``'s copy of it at a fixed address (GraphState.hold), which CUDA graphs replay
+    @property
+    def row_offsets(self) -> torch.Tensor | None:
+        return self._row_offsets
+
+    @row_offsets.setter
+    def row_offsets(self, value: torch.Tensor | None) -> None:
+        self.graph.row_offsets = self.graph.hold("row_offsets", value)
+        self._row_offsets = value
+
+    @property
+    def policy_rows(self) -> torch.Tensor | None:
+        return self._policy_rows
+
+    @policy_rows.setter
+    def policy_rows(self, value: torch.Tensor | None) -> None:
+        self.graph.policy_rows = self.graph.hold("policy_rows", value)
+        self._policy_rows = value
+
+    @property
+    def mixing(self) -> Mixing | None:
+        return self._mixing
+
+    @mixing.setter
+    def mixing(self, mixing: Mixing | None) -> None:
+        self.graph.mixing = self.graph.hold_mixing(mixing)
+        self._mixing = mixing
 
     def mark_static(self) -> None:
         """Give the offsets a fixed address for CUDA graphs (replays then read them in place, no copy per step)."""
@@ -206,9 +235,10 @@ class LayerRouting:
         """Per-row state ``[R, ...]`` matched to a forward of ``rows`` rows (see :func:`expand_rows`)."""
         return expand_rows(state, rows, what, self.context.expansion, broadcast)
 
-    def policy_row_mask(self, batch: int) -> torch.Tensor:
-        """Bool ``[batch]``: the batch rows ``policy_rows`` selects (a bool ``[B]`` mask, or long row indices)."""
-        rows = self.policy_rows
+    def policy_row_mask(self, batch: int, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Bool ``[batch]``: the batch rows ``policy_rows`` (or ``rows``) selects (a bool ``[B]`` mask, or long row
+        indices)."""
+        rows = self.policy_rows if rows is None else rows
         assert rows is not None
         if rows.dtype != torch.bool:
             # row indices name prompt rows; generate() repeats each prompt row ``expansion`` times
@@ -222,10 +252,10 @@ class LayerRouting:
             rows = (torch.arange(prompts, device=rows.device)[:, None] == rows[None, :]).any(dim=-1)
         return self.expand_state_rows(rows, batch, "policy rows")
 
-    def policy_tokens(self, num_tokens: int) -> torch.Tensor:
+    def policy_tokens(self, num_tokens: int, rows: torch.Tensor | None = None) -> torch.Tensor:
         """Bool ``[T]``: the tokens of the rows the policy applies to (see :meth:`policy_row_mask`)."""
         batch, seq = self.batch_shape(num_tokens)
-        return self.policy_row_mask(batch).repeat_interleave(seq, dim=0)
+        return self.policy_row_mask(batch, rows).repeat_interleave(seq, dim=0)
 
     def batch_shape(self, num_tokens: int) -> tuple[int, int]:
         """``(batch, seq)`` of the current call; only known inside a model forward."""
@@ -333,9 +363,10 @@ class LayerRouting:
         batch, seq = self.batch_shape(num_tokens)
         return self.expand_state_rows(state, batch, what, broadcast=True).repeat_interleave(seq, dim=0)
 
-    def _mixing_tokens(self, num_tokens: int) -> torch.Tensor:
-        """Bool ``[T]``: tokens whose absolute position is one of their row's re-mixing positions."""
-        mixing = self.mixing
+    def _mixing_tokens(self, num_tokens: int, mixing: Mixing | None = None) -> torch.Tensor:
+        """Bool ``[T]``: tokens whose absolute position is one of their row's re-mixing positions (of ``mixing``,
+        by default the layer's)."""
+        mixing = self.mixing if mixing is None else mixing
         assert mixing is not None
         batch, seq = self.batch_shape(num_tokens)
         positions = self.expand_state_rows(mixing.positions, batch, "re-mixing positions", broadcast=True)
@@ -344,10 +375,10 @@ class LayerRouting:
         return hit.reshape(num_tokens)
 
     def _apply_mixing(
-        self, scores: torch.Tensor, tokens: torch.Tensor
+        self, scores: torch.Tensor, tokens: torch.Tensor, mixing: Mixing | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Re-mixed scores ``[T, E]``, and per token the core experts ``[T, C]`` and their mixture ``omega [T, C]``."""
-        mixing = self.mixing
+        mixing = self.mixing if mixing is None else mixing
         assert mixing is not None
         num_tokens = scores.shape[0]
         core = self._token_rows(mixing.experts, num_tokens, "re-mixing experts")
