@@ -370,6 +370,29 @@ def test_strong_routing_is_the_models_current_state_and_state_is_restored(design
     assert all(a[0] is b[0] and a[1] is b[1] and a[2] is b[2] and a[3] is b[3] for a, b in zip(after, before))
 
 
+def test_one_batch_sets_the_weak_routing_once_per_call_and_restores_it_after_an_error(monkeypatch):
+    """The one-batch rows are fixed for a call: the weak routing is written at the prefill, not at every step (on
+    the compiled path each write is host work per token), and put back even when decoding fails midway."""
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    rm = reroute.attach(contrast_model("olmoe"))
+    writes = []
+    set_policy = rm.set_policy
+    monkeypatch.setattr(rm, "set_policy", lambda *args, **kwargs: (writes.append(1), set_policy(*args, **kwargs))[1])
+    out = SCMoE(rm).generate(**prompts(), max_new_tokens=6, min_new_tokens=6)
+    assert out.shape[1] == prompts()["input_ids"].shape[1] + 6 and len(writes) == 1
+
+    class FailAtThirdToken(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            if input_ids.shape[1] >= prompts()["input_ids"].shape[1] + 3:
+                raise RuntimeError("stopped by the test")
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool)
+
+    with pytest.raises(RuntimeError, match="stopped by the test"):
+        SCMoE(rm).generate(**prompts(), max_new_tokens=6, stopping_criteria=StoppingCriteriaList([FailAtThirdToken()]))
+    assert all(layer.policy is None and layer.policy_rows is None for layer in rm.layers.values())
+
+
 def test_static_cache_serves_both_designs():
     rm = reroute.attach(contrast_model("olmoe"))
     inputs = prompts()

@@ -31,6 +31,7 @@ logits' most likely token other than EOS (the official greedy loop would take to
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import replace
@@ -116,7 +117,11 @@ class _TwoPass(_Contrast):
 
 
 class _OneBatch(_Contrast):
-    """Strong row ``2b`` and weak row ``2b + 1`` of every row ``b`` in one forward (one KV cache of 2B rows)."""
+    """Strong row ``2b`` and weak row ``2b + 1`` of every row ``b`` in one forward (one KV cache of 2B rows).
+
+    The rows never change during a call, so the weak routing is set once, at the prefill, and stays until
+    :meth:`close` (the method's ``finish``): a decode step then runs the model and the contrast, with no routing
+    state written between steps (on the compiled path every write would be host work per token)."""
 
     def __init__(self, method: SCMoE, stream: ModelStream) -> None:
         super().__init__(method, stream.generation_config)
@@ -124,19 +129,24 @@ class _OneBatch(_Contrast):
             self.stream = stream.expand(2)
         except ValueError as exc:
             raise ValueError(f"{exc}, or SCMoE's design='two-pass'") from exc
+        self._weak_state = contextlib.ExitStack()
 
     def _run(self, run: Callable[[torch.LongTensor], torch.Tensor], input_ids: torch.LongTensor) -> torch.Tensor:
-        rows = input_ids.shape[0]
-        weak_rows = torch.tensor([False, True]).repeat(rows)
-        with self.weak.applied(self.rm, 2 * rows, rows=weak_rows, draws=self.draws):
-            logits = run(input_ids.repeat_interleave(2, dim=0))
+        logits = run(input_ids.repeat_interleave(2, dim=0))
         return self.contrast(logits[0::2], logits[1::2])
 
     def prefill(self, input_ids: torch.LongTensor) -> torch.Tensor:
+        rows = input_ids.shape[0]
+        weak_rows = torch.tensor([False, True], device=input_ids.device).repeat(rows)
+        self._weak_state.enter_context(self.weak.applied(self.rm, 2 * rows, rows=weak_rows, draws=self.draws))
         return self._run(self.stream.prefill, input_ids)
 
     def step(self, input_ids: torch.LongTensor) -> torch.Tensor:
         return self._run(self.stream.step, input_ids)
+
+    def close(self) -> None:
+        """Put the layers' routing back as it was before the prefill."""
+        self._weak_state.close()
 
 
 class SCMoE(DecodingMethod, RoutingMethod):
@@ -160,6 +170,10 @@ class SCMoE(DecodingMethod, RoutingMethod):
 
     def scorer(self, stream: ModelStream) -> _OneBatch | _TwoPass:
         return _OneBatch(self, stream) if self.config.design == "one-batch" else _TwoPass(self, stream)
+
+    def finish(self, scorer: _OneBatch | _TwoPass) -> None:
+        if isinstance(scorer, _OneBatch):
+            scorer.close()
 
     def new_draws(self) -> RandomExperts | None:
         """random-1's experts for one call (a generator seeded from ``config.seed``); ``None`` for other weak
