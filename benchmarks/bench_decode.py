@@ -262,6 +262,7 @@ def main() -> None:
                 continue
             if cuda:
                 torch.cuda.synchronize()
+            recorded_before = counters["inductor"]["cudagraph_recorded_non_static_inputs"]
             start = time.perf_counter()
             try:
                 with torch.no_grad():
@@ -278,6 +279,11 @@ def main() -> None:
                 results.setdefault("warmup_seconds", {}).setdefault(str(batch), {})[name] = elapsed
             else:
                 times[name].append(elapsed)
+                # a CUDA graph recorded during a timed round (cudagraph trees count its non-static inputs as it
+                # records): a replayed step records nothing, so anything here is re-recording inside the timing
+                recorded = counters["inductor"]["cudagraph_recorded_non_static_inputs"] - recorded_before
+                rerecords = results.setdefault("cudagraph_recorded_inputs_in_timed_rounds", {})
+                rerecords.setdefault(str(batch), {})[name] = rerecords.get(str(batch), {}).get(name, 0) + recorded
                 print(f"batch {batch} {name}: {batch * args.new_tokens / elapsed:.1f} tok/s", flush=True)
                 # kept as they come, so that a run cut short by a time limit still reports what it measured
                 results.setdefault("seconds", {}).setdefault(str(batch), {})[name] = list(times[name])
@@ -288,6 +294,7 @@ def main() -> None:
         short = dict(fixed, max_new_tokens=4, min_new_tokens=4)
         before = dict(counters["stats"])
         skips_before = sum(counters["inductor"].values()) if "inductor" in counters else 0
+        recorded_before = counters["inductor"]["cudagraph_recorded_non_static_inputs"]
         generator = torch.Generator().manual_seed(0)
         # only kinds of state whose graph was warmed up above (a first mask or policy compiles once, by design)
         kinds = [0] + [1] * ("reroute_compiled_top4" in runs) + [2] * ("reroute_compiled_mask" in runs)
@@ -355,6 +362,8 @@ def main() -> None:
             "dynamo_new_graphs": recompiles,
             "inductor_counter_delta": (sum(counters["inductor"].values()) if "inductor" in counters else 0)
             - skips_before,
+            # CUDA graphs recorded across the state changes (0: every decode step replayed a recorded graph)
+            "cudagraph_recorded_inputs": counters["inductor"]["cudagraph_recorded_non_static_inputs"] - recorded_before,
         }
         write()
 
@@ -371,7 +380,13 @@ def main() -> None:
         pct = row.get("pct_hbm_limit", math.nan)
         print(f"{row['batch']:>5} {row['variant']:<26} {row['tok_s']:>9.1f} {ratio:>13.2f} {pct:>11.1f}")
     for batch, info in results.get("recompiles_after_warmup", {}).items():
-        print(f"batch {batch}: {info['dynamo_new_graphs']} new graphs across {info['state_changes']} state changes")
+        print(
+            f"batch {batch}: {info['dynamo_new_graphs']} new graphs and {info['cudagraph_recorded_inputs']} inputs of "
+            f"newly recorded CUDA graphs across {info['state_changes']} state changes"
+        )
+    for batch, per_variant in results.get("cudagraph_recorded_inputs_in_timed_rounds", {}).items():
+        rerecorded = {name: count for name, count in per_variant.items() if count}
+        print(f"batch {batch}: CUDA graphs recorded inside timed rounds (inputs counted): {rerecorded or 'none'}")
     write()
 
 

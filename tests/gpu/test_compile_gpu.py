@@ -56,12 +56,16 @@ def test_compiled_kernels_equal_eager_and_state_changes_reuse_the_graph(family: 
     rm.set_row_offsets({layers[-1]: torch.randn(2, experts, device="cuda", generator=generator)})
     check()
     warm = counters["stats"]["unique_graphs"]
+    recorded = counters["inductor"]["cudagraph_recorded_non_static_inputs"]
     for policy in (RoutingPolicy(rank=2), RoutingPolicy(top_p=0.5, max_experts=2), RoutingPolicy(top_k=2)):
         rm.set_offsets({layers[0]: torch.randn(experts, device="cuda", generator=generator)})
+        rm.set_row_offsets({layers[-1]: torch.randn(2, experts, device="cuda", generator=generator)})
         rm.set_policy(policy, layers=layers[-1], rows=[1])
         rm.set_mask(ExpertMask(banned=(int(torch.randint(experts, (1,))),)), layers=layers[0])
         check()
     assert counters["stats"]["unique_graphs"] == warm
+    # no re-capture either: new values of the same shapes are read in place by the recorded CUDA graph
+    assert counters["inductor"]["cudagraph_recorded_non_static_inputs"] == recorded
 
 
 def test_static_cache_generate_with_kernels_equals_dynamic() -> None:
@@ -77,6 +81,10 @@ def test_static_cache_generate_with_kernels_equals_dynamic() -> None:
         reroute.Rerouter(rm, interval=4, steps=2).generate,
     ):
         assert torch.equal(generate(**kwargs, **static), generate(**kwargs))
+        # a second call replays the CUDA graphs the first one recorded (its state lands at the same addresses)
+        recorded = counters["inductor"]["cudagraph_recorded_non_static_inputs"]
+        generate(**kwargs, **static)
+        assert counters["inductor"]["cudagraph_recorded_non_static_inputs"] == recorded
 
 
 def test_c3po_static_cache_generate_with_kernels_equals_dynamic() -> None:
