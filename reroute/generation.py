@@ -67,6 +67,9 @@ class NextTokenScorer(Protocol):
     so far ``[B, S + t]`` (the new token is the last column). Rows never leave the batch: finished rows keep being
     fed the pad token, as in ``generate()``. ``cache`` is what ``generate()`` returns as the cache when
     ``return_dict_in_generate=True`` (``None`` where no single cache describes the rows).
+
+    A scorer may set ``late_stop = True`` when one step beyond the last is harmless (nothing but the logits comes
+    out of a step): :func:`decode` then learns that every row has finished one step late (see :class:`LateStop`).
     """
 
     cache: Any
@@ -253,6 +256,48 @@ def check_prompt(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask
         )
 
 
+LATE_STOP_DEVICES = ("cuda",)
+"""Devices where :func:`decode` reads the "every row has finished" flag one step late (where reading it now would
+make the host wait for the device every step)."""
+
+
+class LateStop:
+    """Whether every row has finished, read one step late, so that the host never waits for the device.
+
+    Reading a device flag (``bool(unfinished.any())``) blocks the host until the device has run everything queued,
+    every step: the host's work for the next step (Python, guards, launches) then never overlaps the device's.
+    Here step ``t``'s flag is copied to pinned host memory without waiting and read at step ``t + 1``, when the
+    device is already running step ``t + 1`` (transformers' ``generate()`` does the same). The cost: when every row
+    finishes before the length limit, one more step runs, whose column :func:`decode` drops. Off CUDA the flag is
+    the tensor itself, read one step late the same way (so the CPU tests run the same control flow).
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.steps = 0
+        self.pending: torch.Tensor | None = None
+        if self.cuda:
+            self.slots = [
+                (torch.zeros((), dtype=torch.bool, pin_memory=True), torch.cuda.Event(blocking=True)) for _ in range(2)
+            ]
+
+    def finished_before(self, finished: torch.Tensor) -> bool:
+        """Record this step's flag (a 0-d bool tensor); return the previous step's (``False`` at the first)."""
+        first = self.steps == 0
+        self.steps += 1
+        if not self.cuda:
+            previous, self.pending = self.pending, finished
+            return previous is not None and bool(previous)
+        flag, event = self.slots[self.steps % 2]
+        flag.copy_(finished, non_blocking=True)
+        event.record()
+        if first:
+            return False
+        flag, event = self.slots[(self.steps + 1) % 2]
+        event.synchronize()
+        return bool(flag)
+
+
 def decode(
     model: PreTrainedModel,
     input_ids: torch.LongTensor,
@@ -278,6 +323,9 @@ def decode(
     Returns:
         ``[B, S + new]`` token ids, or a ``GenerateDecoderOnlyOutput`` (sequences, ``scores`` = processed scores,
         ``logits`` = the scorer's logits, the scorer's cache) when ``return_dict_in_generate=True``.
+
+    On CUDA, for a scorer with ``late_stop`` and no streamer, the end is detected one step late (:class:`LateStop`);
+    the output is the same.
     """
     check_supported(model, generation_config)
     return_dict = generation_config.return_dict_in_generate
@@ -295,6 +343,16 @@ def decode(
         streamer = outer  # generate() has put the prompt into it already
     elif streamer is not None:
         streamer.put(input_ids.cpu())
+
+    # a streamer needs each step's tokens on the host (a wait anyway); a returned cache would hold the extra step
+    late = (
+        getattr(scorer, "late_stop", False)
+        and input_ids.device.type in LATE_STOP_DEVICES
+        and streamer is None
+        and not (return_dict and scorer.cache is not None)
+    )
+    stop = LateStop(input_ids.device) if late else None
+    max_length = stopping_criteria.max_length
 
     logits = scorer.prefill(input_ids).to(input_ids.device)
     # generate() switches the experts implementation for small decode batches on accelerators inside this context
@@ -315,8 +373,17 @@ def decode(
             if streamer is not None:
                 streamer.put(next_tokens.cpu())
             unfinished = unfinished & ~stopping_criteria(input_ids, scores)
-            if not bool(unfinished.any()):
+            if stop is None:
+                if not bool(unfinished.any()):
+                    break
+            elif stop.finished_before(~unfinished.any()):
+                # every row had finished at the step before: this column is padding the loop would not have made
+                input_ids = input_ids[:, :-1]
+                scores = None if scores is None else scores[:-1]
+                raw_logits = None if raw_logits is None else raw_logits[:-1]
                 break
+            elif max_length is not None and input_ids.shape[1] >= max_length:
+                break  # the length limit ends every row now, known without the device
             logits = scorer.step(input_ids).to(input_ids.device)
 
     if streamer is not None:

@@ -393,6 +393,45 @@ def test_one_batch_sets_the_weak_routing_once_per_call_and_restores_it_after_an_
     assert all(layer.policy is None and layer.policy_rows is None for layer in rm.layers.values())
 
 
+@pytest.mark.parametrize("design", DESIGNS)
+@pytest.mark.parametrize("sample", [False, True])
+def test_late_stop_gives_the_same_output_with_one_step_more(monkeypatch, design, sample):
+    """decode() reads "every row has finished" one step late on CUDA (no host wait per step); here forced on the
+    CPU. Rows that end by EOS at different steps, all before the length limit: same sequences, scores and logits;
+    the scorer ran exactly one step more."""
+    import reroute.generation as generation
+
+    rm = reroute.attach(contrast_model("olmoe"))
+    inputs = prompts()
+    free = SCMoE(rm, design=design).generate(**inputs, max_new_tokens=8, do_sample=False)
+    eos = sorted(set(free[:, inputs["input_ids"].shape[1] + 2].tolist()))  # every row ends by its third token
+    kwargs = dict(max_new_tokens=8, do_sample=sample, eos_token_id=eos, pad_token_id=0,
+                  return_dict_in_generate=True, output_scores=True, output_logits=True)  # fmt: skip
+    steps = []
+    step = generation.ModelStream.step
+    monkeypatch.setattr(generation.ModelStream, "step", lambda self, ids: (steps.append(1), step(self, ids))[1])
+
+    def run():
+        torch.manual_seed(0)
+        steps.clear()
+        return SCMoE(rm, design=design).generate(**inputs, **kwargs), len(steps)
+
+    now, now_steps = run()
+    monkeypatch.setattr(generation, "LATE_STOP_DEVICES", ("cuda", "cpu"))
+    late, late_steps = run()
+    assert now.sequences.shape[1] < inputs["input_ids"].shape[1] + 8  # ended by EOS, not by the limit
+    assert torch.equal(late.sequences, now.sequences)
+    for a, b in zip((late.scores, late.logits), (now.scores, now.logits)):
+        assert len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b))
+    streams = 2 if design == "two-pass" else 1
+    assert late_steps == now_steps + streams
+    # ended by the length limit: nothing extra runs
+    kwargs.update(eos_token_id=None, return_dict_in_generate=False)
+    limit, limit_steps = run()
+    monkeypatch.setattr(generation, "LATE_STOP_DEVICES", ("cuda",))
+    assert torch.equal(limit, run()[0]) and limit_steps == run()[1]
+
+
 def test_static_cache_serves_both_designs():
     rm = reroute.attach(contrast_model("olmoe"))
     inputs = prompts()

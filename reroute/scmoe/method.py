@@ -82,6 +82,7 @@ class _Contrast:
     """Shared by both designs: the weak routing, random-1's draws, the contrast."""
 
     cache = None  # the strong and weak caches together describe the rows; generate() gets neither
+    late_stop = True  # a step yields only its contrast: one beyond the end is harmless (decode's LateStop)
 
     def __init__(self, method: SCMoE, generation_config: GenerationConfig) -> None:
         self.rm, self.weak, self.config = method.rm, method.weak, method.config

@@ -106,3 +106,19 @@ def test_c3po_static_cache_generate_with_kernels_equals_dynamic() -> None:
                   pad_token_id=0)  # fmt: skip
     static = c3po.generate(cache_implementation="static", compile_config=CompileConfig(), **kwargs)
     assert torch.equal(static, c3po.generate(**kwargs))
+
+
+def test_late_stop_on_cuda_equals_the_waiting_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    """decode()'s LateStop (pinned flag + event, read one step late) against reading the flag every step."""
+    import reroute.generation as generation
+
+    rm = reroute.attach(tiny_model("olmoe").cuda().eval())
+    ids = torch.randint(3, 96, (3, 7), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+    kwargs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False,
+                  pad_token_id=0)  # fmt: skip
+    free = reroute.SCMoE(rm).generate(**kwargs)
+    kwargs["eos_token_id"] = sorted(set(free[:, ids.shape[1] + 2].tolist()))  # every row ends by its third token
+    late = reroute.SCMoE(rm).generate(**kwargs)
+    monkeypatch.setattr(generation, "LATE_STOP_DEVICES", ())
+    assert torch.equal(late, reroute.SCMoE(rm).generate(**kwargs))
+    assert late.shape[1] < ids.shape[1] + 8
