@@ -23,7 +23,7 @@ tests check this path against it on every family.
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -67,13 +67,17 @@ class GraphState:
         self._held: dict[str, torch.Tensor] = {}
         self._mark_static()
 
-    def hold(self, name: str, value: torch.Tensor | None) -> torch.Tensor | None:
+    def hold(self, name: str, value: Any) -> Any:
         """``value``'s values in this state's buffer ``name``: the same tensor at the same address on every call
         with the same shape, dtype and device (a new buffer otherwise). ``None`` stays ``None``; a tensor that
-        requires grad is returned as it is (an optimisation loop differentiates through it; it runs eager).
+        requires grad is returned as it is (an optimisation loop differentiates through it; it runs eager); a
+        re-mixing state (a dataclass of tensors) is held field by field.
 
-        The buffer is never handed out to callers that keep it (the layer's attributes keep the caller's tensor),
+        The buffer is never handed out to callers that keep it (the layer's attributes keep the caller's value),
         so copying into it cannot change a tensor someone saved."""
+        if dataclasses.is_dataclass(value):
+            fields = {f.name: self.hold(f"{name}.{f.name}", getattr(value, f.name)) for f in dataclasses.fields(value)}
+            return dataclasses.replace(value, **fields)
         if value is None or value.requires_grad:
             return value
         buffer = self._held.get(name)
@@ -86,17 +90,6 @@ class GraphState:
         with torch.no_grad():
             buffer.copy_(value)
         return buffer
-
-    def hold_mixing(self, mixing: Mixing | None) -> Mixing | None:
-        """:meth:`hold` for each tensor of a re-mixing state."""
-        if mixing is None:
-            return None
-        return dataclasses.replace(
-            mixing,
-            experts=self.hold("mixing.experts", mixing.experts),
-            logits=self.hold("mixing.logits", mixing.logits),
-            positions=self.hold("mixing.positions", mixing.positions),
-        )
 
     def tensors(self) -> tuple[torch.Tensor, ...]:
         return self.mask_codes, self.policy_ints, self.policy_top_p

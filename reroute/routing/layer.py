@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -72,6 +72,22 @@ class Mixing:
     experts: torch.Tensor
     logits: torch.Tensor
     positions: torch.Tensor
+
+
+class HeldState:
+    """A :class:`LayerRouting` attribute (per-row offsets, policy rows, re-mixing) that keeps the value assigned to
+    it, while ``layer.graph`` gets a copy of it at a fixed address for the compiled path (:meth:`GraphState.hold`:
+    a CUDA graph replay reads its inputs where they were when it was recorded)."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, layer: LayerRouting | None, owner: type | None = None) -> Any:
+        return self if layer is None else layer.__dict__[self.name]
+
+    def __set__(self, layer: LayerRouting, value: Any) -> None:
+        setattr(layer.graph, self.name, layer.graph.hold(self.name, value))
+        layer.__dict__[self.name] = value
 
 
 def execution_device(router: nn.Module) -> torch.device:
@@ -148,11 +164,11 @@ class LayerRouting:
         self.offsets = nn.Parameter(torch.zeros(self.num_experts, device=device, dtype=torch.float32))
         self.graph = GraphState(self.num_experts, self.top_k, device)
         self.mark_static()
-        self._row_offsets: torch.Tensor | None = None
+        self.row_offsets: torch.Tensor | None = None
         self._policy: RoutingPolicy | None = None
-        self._policy_rows: torch.Tensor | None = None
+        self.policy_rows: torch.Tensor | None = None
         self._mask: ExpertMask | None = None
-        self._mixing: Mixing | None = None
+        self.mixing: Mixing | None = None
         self.exact_mixing_gradient = False
         self.kernels = False
         self.replay: LayerReplay | None = None
@@ -177,34 +193,11 @@ class LayerRouting:
         self.graph.write_mask(mask)
         self._mask = mask
 
-    # per-row state and re-mixing: the attribute keeps the assigned tensor (callers save and restore it), and the
+    # per-row state and re-mixing: the attribute keeps the assigned value (callers save and restore it), and the
     # compiled path reads ``graph``'s copy of it at a fixed address (GraphState.hold), which CUDA graphs replay
-    @property
-    def row_offsets(self) -> torch.Tensor | None:
-        return self._row_offsets
-
-    @row_offsets.setter
-    def row_offsets(self, value: torch.Tensor | None) -> None:
-        self.graph.row_offsets = self.graph.hold("row_offsets", value)
-        self._row_offsets = value
-
-    @property
-    def policy_rows(self) -> torch.Tensor | None:
-        return self._policy_rows
-
-    @policy_rows.setter
-    def policy_rows(self, value: torch.Tensor | None) -> None:
-        self.graph.policy_rows = self.graph.hold("policy_rows", value)
-        self._policy_rows = value
-
-    @property
-    def mixing(self) -> Mixing | None:
-        return self._mixing
-
-    @mixing.setter
-    def mixing(self, mixing: Mixing | None) -> None:
-        self.graph.mixing = self.graph.hold_mixing(mixing)
-        self._mixing = mixing
+    row_offsets = HeldState()
+    policy_rows = HeldState()
+    mixing = HeldState()
 
     def mark_static(self) -> None:
         """Give the offsets a fixed address for CUDA graphs (replays then read them in place, no copy per step)."""
