@@ -21,7 +21,7 @@ from functools import partial
 
 import torch
 import transformers
-from bench_common import SHAPES, build, device_name, median_seconds
+from bench_common import SHAPES, build, device_name, dispatched_ops, median_seconds
 
 import reroute
 from reroute.c3po import C3PO, ReferenceIndex
@@ -142,6 +142,8 @@ def main() -> None:
     runs.update({key: partial(c3po.score_choices, test) for key, c3po in c3pos.items()})
     with torch.no_grad():
         seconds = median_seconds(runs, args.device, args.repeats)
+        # operators dispatched by one more call of each (warm: prefix caches filled as in the timed rounds)
+        ops = {key: dispatched_ops(fn) for key, fn in runs.items()}
     # one plain forward of the items: the choice batch holds 4 rows per item, so a quarter of its cost
     base = seconds["plain", ""] / 4
     rows = []
@@ -153,6 +155,7 @@ def main() -> None:
             "backward_passes_per_item": stats["backward_passes"],
             "seconds_per_batch": {},
             "cost_vs_plain_forward": {},
+            "dispatched_ops_per_batch": {},
         }
         for variant in variants:
             key = (surrogate, variant) if (surrogate, variant) in c3pos else None
@@ -160,6 +163,7 @@ def main() -> None:
                 continue
             row["seconds_per_batch"][variant] = seconds[key]
             row["cost_vs_plain_forward"][variant] = (seconds[key] - 4 * base) / base
+            row["dispatched_ops_per_batch"][variant] = ops[key]
         rows.append(row)
     store = next((c3po.prefix_store for key, c3po in c3pos.items() if key[1] == "suffix+cache"), None)
     per_neighbour = store.nbytes / len(store) if store is not None and len(store) else None
@@ -183,6 +187,11 @@ def main() -> None:
             f"{row['surrogate']:<10}" + "".join(cells) + f"{row['forward_passes_per_item']:>10.0f}"
             f"{row['backward_passes_per_item']:>10.0f}"
         )
+    print(f"operators dispatched per batch (about one kernel launch each on an eager GPU path); plain scoring "
+          f"{ops['plain', '']}:")  # fmt: skip
+    for row in rows:
+        counts = row["dispatched_ops_per_batch"]
+        print(f"{row['surrogate']:<10}" + "".join(f"{counts[v]:>14}" if v in counts else f"{'':>14}" for v in variants))
     if per_neighbour is not None:
         print(f"prefix cache: {len(store)} neighbours, {per_neighbour / 2**20:.3f} MiB per neighbour")
     print(
@@ -210,6 +219,7 @@ def main() -> None:
             "variants": variants,
             "index_size": len(index),
             "plain_forward_seconds_per_batch": base,
+            "plain_scoring_dispatched_ops": ops["plain", ""],
             "rows": rows,
             "prefix_cache_bytes_per_neighbour": per_neighbour,
             "prompt_forward_memory": memory,

@@ -9,6 +9,7 @@ from collections.abc import Callable
 
 import torch
 import transformers
+from torch.utils._python_dispatch import TorchDispatchMode
 
 SHAPES: dict[str, dict[str, int]] = {
     # the OLMoE shape of reroute.testing.tiny_model("olmoe")
@@ -74,6 +75,25 @@ def median_seconds(runs: dict[tuple[str, str], Callable[[], object]], device: st
             if round_idx > 0:
                 times[name].append(time.perf_counter() - start)
     return {name: statistics.median(values) for name, values in times.items()}
+
+
+class _CountOps(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def dispatched_ops(fn: Callable[[], object]) -> int:
+    """Operators one call of ``fn`` dispatches below autograd (a custom op counts once, whatever runs inside it).
+    On an eager GPU path each is about one kernel launch, which sets the host time where launches, not FLOPs,
+    bound a call; the count is the same on any device, so a CPU run can count what a GPU run launches."""
+    with _CountOps() as counter:
+        fn()
+    return counter.count
 
 
 def device_name(device: str) -> str:
