@@ -124,6 +124,29 @@ def test_state_a_caller_saved_is_not_overwritten_by_the_next(tokens: torch.Tenso
         assert float((compiled(tokens).logits - expected).abs().max()) < 1e-5
 
 
+def test_held_copies_keep_their_address_and_skip_what_needs_gradients() -> None:
+    """The compiled path's copy of per-row state and re-mixing: same address for same-shape values; an optimisation
+    step's tensors (requiring grad: NGD's mixing logits, rerouting's δ) are read as they are, with no copy."""
+    from reroute.routing.layer import Mixing
+
+    rm = reroute.attach(tiny_model("olmoe").eval())
+    layer, experts = rm.layer(rm.moe_layers[0]), rm.num_experts
+    core, positions = torch.tensor([[0, 1, 2]]), torch.tensor([[4]])
+    layer.mixing = Mixing(core, torch.randn(1, 3), positions)
+    held = layer.graph.mixing
+    layer.mixing = Mixing(core + 1, torch.randn(1, 3), positions)
+    assert held.logits.data_ptr() == layer.graph.mixing.logits.data_ptr()
+    assert torch.equal(layer.graph.mixing.experts, core + 1) and layer.graph.mixing.experts is not layer.mixing.experts
+    trained = Mixing(core, torch.zeros(1, 3, requires_grad=True), positions)
+    layer.mixing = trained
+    assert layer.graph.mixing is trained
+    delta = torch.zeros(2, experts, requires_grad=True)
+    layer.row_offsets = delta
+    assert layer.graph.row_offsets is delta
+    layer.row_offsets = layer.mixing = None
+    assert layer.graph.row_offsets is None and layer.graph.mixing is None
+
+
 def test_widening_policy_is_one_recompile_then_reused(tokens: torch.Tensor) -> None:
     model = tiny_model("olmoe").eval()
     rm = reroute.attach(model)

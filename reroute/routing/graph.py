@@ -71,13 +71,16 @@ class GraphState:
         """``value``'s values in this state's buffer ``name``: the same tensor at the same address on every call
         with the same shape, dtype and device (a new buffer otherwise). ``None`` stays ``None``; a tensor that
         requires grad is returned as it is (an optimisation loop differentiates through it; it runs eager); a
-        re-mixing state (a dataclass of tensors) is held field by field.
+        re-mixing state (a dataclass of tensors) is held field by field, or returned as it is where one of its
+        tensors requires grad.
 
         The buffer is never handed out to callers that keep it (the layer's attributes keep the caller's value),
         so copying into it cannot change a tensor someone saved."""
         if dataclasses.is_dataclass(value):
-            fields = {f.name: self.hold(f"{name}.{f.name}", getattr(value, f.name)) for f in dataclasses.fields(value)}
-            return dataclasses.replace(value, **fields)
+            values = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
+            if any(v.requires_grad for v in values.values()):
+                return value  # an optimisation step (C3PO's NGD): eager, and no copies per step
+            return dataclasses.replace(value, **{key: self.hold(f"{name}.{key}", v) for key, v in values.items()})
         if value is None or value.requires_grad:
             return value
         buffer = self._held.get(name)
