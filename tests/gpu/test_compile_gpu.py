@@ -81,12 +81,6 @@ def test_static_cache_generate_with_kernels_equals_dynamic() -> None:
         reroute.Rerouter(rm, interval=4, steps=2).generate,
     ):
         assert torch.equal(generate(**kwargs, **static), generate(**kwargs))
-        if generate.__self__ is model or isinstance(generate.__self__, reroute.Rerouter):
-            # a second call replays the CUDA graphs the first one recorded: its routing state lands at the same
-            # addresses, and generate() reuses its static cache (SCMoE's one-batch rows get a new cache per call)
-            recorded = counters["inductor"]["cudagraph_recorded_non_static_inputs"]
-            generate(**kwargs, **static)
-            assert counters["inductor"]["cudagraph_recorded_non_static_inputs"] == recorded
 
 
 def test_c3po_static_cache_generate_with_kernels_equals_dynamic() -> None:
