@@ -281,8 +281,8 @@ def main() -> None:
                 times[name].append(elapsed)
                 # CUDA graphs recorded during a timed round (cudagraph trees count their non-static inputs as they
                 # record). generate() makes a new static cache every call (transformers 5.17-5.25), whose tensors
-                # are static inputs, so every variant records once per call; more than transformers' own variant
-                # is re-recording caused by routing state
+                # are static inputs, so any variant may record once per call (unless the allocator hands back the
+                # same addresses); more than transformers' own variant is re-recording caused by routing state
                 recorded = counters["inductor"]["cudagraph_recorded_non_static_inputs"] - recorded_before
                 rerecords = results.setdefault("cudagraph_recorded_inputs_in_timed_rounds", {})
                 rerecords.setdefault(str(batch), {})[name] = rerecords.get(str(batch), {}).get(name, 0) + recorded
