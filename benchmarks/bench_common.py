@@ -32,17 +32,6 @@ SHAPES: dict[str, dict[str, int]] = {
         num_experts=64,
         num_experts_per_tok=8,
     ),
-    # OLMoE-1B-7B's layer structure (16 layers, 64 experts, top-8) at small width: the operators a forward
-    # dispatches (bench_c3po's count) are those of the real shape, on a CPU
-    "olmoe-1b-7b-thin": dict(
-        hidden_size=128,
-        intermediate_size=64,
-        num_hidden_layers=16,
-        num_attention_heads=16,
-        num_key_value_heads=16,
-        num_experts=64,
-        num_experts_per_tok=8,
-    ),
     # OLMoE-1B-7B's shape (random weights; for an accelerator)
     "olmoe-1b-7b": dict(
         hidden_size=2048,
@@ -54,6 +43,11 @@ SHAPES: dict[str, dict[str, int]] = {
         num_experts_per_tok=8,
     ),
 }
+
+
+# OLMoE-1B-7B's layer structure (16 layers, 64 experts, top-8) at small width: the operators a forward dispatches
+# (bench_c3po's count) are those of the real shape, on a CPU
+SHAPES["olmoe-1b-7b-thin"] = dict(SHAPES["olmoe-1b-7b"], hidden_size=128, intermediate_size=64)
 
 
 def build(shape: str, device: str, dtype: torch.dtype) -> transformers.PreTrainedModel:
