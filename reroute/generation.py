@@ -69,7 +69,9 @@ class NextTokenScorer(Protocol):
     ``return_dict_in_generate=True`` (``None`` where no single cache describes the rows).
 
     A scorer may set ``late_stop = True`` when one step beyond the last is harmless (nothing but the logits comes
-    out of a step): :func:`decode` then learns that every row has finished one step late (see :class:`LateStop`).
+    out of a step, or ``drop_last_step()`` undoes the rest): :func:`decode` then learns that every row has finished
+    one step late (see :class:`LateStop`), and calls the scorer's ``drop_last_step()``, where it has one, when it
+    drops that step.
     """
 
     cache: Any
@@ -381,6 +383,8 @@ def decode(
                 input_ids = input_ids[:, :-1]
                 scores = None if scores is None else scores[:-1]
                 raw_logits = None if raw_logits is None else raw_logits[:-1]
+                if hasattr(scorer, "drop_last_step"):
+                    scorer.drop_last_step()
                 break
             elif max_length is not None and input_ids.shape[1] >= max_length:
                 break  # the length limit ends every row now, known without the device

@@ -14,6 +14,7 @@ from torch.overrides import TorchFunctionMode
 import reroute
 from reroute.frozen import frozen, frozen_weights
 from reroute.rerouting import Rerouter, RerouterConfig, adapt_phase, context_loss, routing_confidence, select_layers
+from reroute.rerouting.method import _ReroutingScorer
 from reroute.testing import tiny_model
 
 
@@ -159,6 +160,33 @@ def test_zero_steps_reproduces_generate_token_for_token(rm):
         Rerouter(rm, steps=0).generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=True, top_k=20),
         sampled,
     )
+
+
+def test_late_stop_keeps_output_and_phases_when_the_extra_step_adapts(rm, monkeypatch):
+    """decode()'s late stop (CUDA; forced on the CPU here) runs one step beyond the end when every row ends by
+    EOS. With interval 2 and every row ending by its second token, that extra step is a phase boundary: it adapts,
+    and drop_last_step forgets that phase. Same tokens, same phases, δ gone after the call."""
+    import reroute.generation as generation
+
+    ids, mask = _prompt()
+    kwargs = dict(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    free = Rerouter(rm, interval=2, steps=2).generate(**kwargs)
+    kwargs["eos_token_id"] = sorted(set(free[:, ids.shape[1] + 1].tolist()))  # every row ends by its 2nd token
+
+    def run():
+        method = Rerouter(rm, interval=2, steps=2)
+        return method.generate(**kwargs), [phase.loss_after for phase in method.phases]
+
+    now, now_phases = run()
+    monkeypatch.setattr(generation, "LATE_STOP_DEVICES", ("cuda", "cpu"))
+    adapted = []
+    phase = _ReroutingScorer._phase
+    monkeypatch.setattr(_ReroutingScorer, "_phase", lambda self, ids: (adapted.append(1), phase(self, ids))[1])
+    late, late_phases = run()
+    assert now.shape[1] <= ids.shape[1] + 2 and torch.equal(late, now)
+    assert len(adapted) == len(now_phases) + 1  # the extra step did adapt ...
+    assert len(late_phases) == len(now_phases) and all(map(torch.equal, late_phases, now_phases))  # ... forgotten
+    assert all(layer.row_offsets is None for layer in rm.layers.values())
 
 
 def test_rebuilt_cache_equals_a_fresh_prefill_under_the_adapted_router(rm):

@@ -63,10 +63,13 @@ def _row_weights(layers: Mapping[int, float | torch.Tensor], rows: int) -> dict[
 class _ReroutingScorer:
     """Next-token logits with adaptation phases at prefill and every ``interval`` tokens (see :mod:`generation`)."""
 
+    late_stop = True  # a step beyond the end leaves at most a phase in ``phases``: drop_last_step forgets it
+
     def __init__(self, method: Rerouter, stream: ModelStream) -> None:
         self.rm, self.config, self.stream = method.rm, method.config, stream
         self.method = method
         self.generated = 0
+        self.phased = False  # whether the last step ran a phase
         self.delta: torch.Tensor | None = None
         self.layers: dict[int, float] | dict[int, torch.Tensor] = {}
         # row offsets the user set: δ adds to them during the call, and they are back afterwards
@@ -111,13 +114,21 @@ class _ReroutingScorer:
 
     def step(self, input_ids: torch.LongTensor) -> torch.Tensor:
         self.generated += 1
+        self.phased = False
         if self.config.steps == 0 or self.generated % self.config.interval != 0:
             return self.stream.step(input_ids)
         self._phase(input_ids)
+        self.phased = True
         if not self.config.rebuild_cache:
             return self.stream.step(input_ids)
         self.stream = self.stream.restart()
         return self.stream.prefill(input_ids)
+
+    def drop_last_step(self) -> None:
+        """decode() ran one step beyond the end (its late stop) and drops it: forget a phase that step ran (δ goes
+        back with the rest of the call's state in ``finish``)."""
+        if self.phased:
+            self.method.phases.pop()
 
 
 class Rerouter(DecodingMethod, RoutingMethod):
