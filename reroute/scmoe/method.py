@@ -90,6 +90,9 @@ class _Contrast:
         eos = generation_config._eos_token_tensor if not self.config.allow_eos else None
         self.banned = None if eos is None else eos.reshape(-1)
 
+    def close(self) -> None:
+        """Called by the method's ``finish`` after each call: undo what the scorer left on the layers."""
+
     def contrast(self, strong: torch.Tensor, weak: torch.Tensor) -> torch.Tensor:
         contrast = self_contrast(strong, weak, self.config.beta, self.config.alpha)
         if self.banned is not None:
@@ -173,8 +176,7 @@ class SCMoE(DecodingMethod, RoutingMethod):
         return _OneBatch(self, stream) if self.config.design == "one-batch" else _TwoPass(self, stream)
 
     def finish(self, scorer: _OneBatch | _TwoPass) -> None:
-        if isinstance(scorer, _OneBatch):
-            scorer.close()
+        scorer.close()
 
     def new_draws(self) -> RandomExperts | None:
         """random-1's experts for one call (a generator seeded from ``config.seed``); ``None`` for other weak
