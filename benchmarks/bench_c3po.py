@@ -4,12 +4,14 @@ Builds a random OLMoE-shaped model from its config (``--shape``), a reference in
 items, then times, per surrogate and per way of recomputing (``--recompute``, side by side in one process),
 adaptation + scoring of a batch of test items against plain scoring of the same batch. ``suffix+cache`` is the
 suffix recompute with every neighbour's prefix state already cached by an earlier call (the cache C3PO keeps across
-calls; the other columns run with it off). Also reports what the one prompt forward records next to recording every
+calls; the other columns run with it off); ``suffix-compiled`` compiles each step (a CUDA graph on CUDA), timed after
+its warm-up round compiled it. Also reports what the one prompt forward records next to recording every
 layer and token, and the prefix cache's bytes per neighbour. Prints a table and writes JSON (device name included).
 A benchmark, not a test.
 
     python benchmarks/bench_c3po.py --shape small --device cpu --recompute suffix layers --json c3po_cpu.json
-    python benchmarks/bench_c3po.py --shape olmoe-1b-7b --device cuda --dtype bfloat16 --recompute suffix layers \\
+    python benchmarks/bench_c3po.py --shape olmoe-1b-7b --device cuda --dtype bfloat16 \\
+        --recompute suffix suffix-compiled layers \\
         --json c3po_gpu.json
 """
 
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 from functools import partial
 
 import torch
@@ -83,6 +86,40 @@ def recording_bytes(rm: reroute.RoutedModel, tok, prompts: list[str], device: st
     return result
 
 
+def profile_runs(runs: dict, device: str, path: str, title: str) -> dict[tuple[str, str], dict[str, float]]:
+    """One warm call of each run under the profiler: appends the top kernels (by device time) to ``path`` and returns
+    per run its wall time, summed device-kernel time and host-device syncs, which say whether a figure is bound by
+    the GPU's work or by the host (launches, syncs)."""
+    cuda = device == "cuda"
+    activities = [torch.profiler.ProfilerActivity.CPU] + [torch.profiler.ProfilerActivity.CUDA] * cuda
+    out: dict[tuple[str, str], dict[str, float]] = {}
+    with open(path, "a") as handle:
+        for key, fn in runs.items():
+            if cuda:
+                torch.cuda.synchronize()
+            with torch.profiler.profile(activities=activities) as prof:
+                start = time.perf_counter()
+                fn()
+                if cuda:
+                    torch.cuda.synchronize()
+                wall = time.perf_counter() - start
+            events = prof.key_averages()
+            kernel_us = sum(e.self_device_time_total for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
+            # a scalar read (.item(), bool(tensor), ...) waits for the device; the stream syncs count the rest
+            syncs = sum(
+                e.count
+                for e in events
+                if e.key in ("cudaStreamSynchronize", "cudaDeviceSynchronize", "aten::_local_scalar_dense")
+            )
+            out[key] = {"wall_s": wall, "device_kernel_s": kernel_us / 1e6, "host_syncs": float(syncs)}
+            sort = "self_device_time_total" if cuda else "self_cpu_time_total"
+            handle.write(
+                f"=== {title} {key[0]} {key[1]}: wall {wall * 1e3:.1f} ms, device kernels {kernel_us / 1e3:.1f} ms, "
+                f"{syncs} host syncs\n{events.table(sort_by=sort, row_limit=15)}\n"
+            )
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shape", choices=sorted(SHAPES), default="small")
@@ -107,12 +144,16 @@ def main() -> None:
     )
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     parser.add_argument("--json", help="write the results here")
+    parser.add_argument(
+        "--profile", help="append, per surrogate, a kernel-time table and the GPU-busy share of one warm call here"
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
 
     vocab = 512
     dtype = getattr(torch, args.dtype)
+    torch._dynamo.config.cache_size_limit = 64  # suffix-compiled: a graph per surrogate's shapes, with and without grad
     model = build(args.shape, args.device, dtype)
     rm = reroute.attach(model)
     tok = tiny_tokenizer(vocab)
@@ -125,14 +166,16 @@ def main() -> None:
 
     surrogates = args.surrogates.split(",")
     variants = list(dict.fromkeys(args.recompute))
-    if "suffix" in variants:
-        variants.insert(variants.index("suffix") + 1, "suffix+cache")
+    # each suffix recompute also with every neighbour's prefix state cached by an earlier call
+    variants = [
+        name for variant in variants for name in (variant, f"{variant}+cache")[: 1 + variant.startswith("suffix")]
+    ]
     c3pos: dict[tuple[str, str], C3PO] = {}
     for surrogate in surrogates:
         for variant in variants:
             if variant != variants[0] and surrogate not in RECOMPUTING:
                 continue  # mode / official run no forward steps: one timing serves every column
-            if variant == "suffix+cache" and surrogate not in NEIGHBOUR_SURROGATES:
+            if variant.endswith("+cache") and surrogate not in NEIGHBOUR_SURROGATES:
                 continue
             recompute, cached = variant.removesuffix("+cache"), variant.endswith("+cache")
             c3pos[surrogate, variant] = C3PO(
@@ -144,6 +187,8 @@ def main() -> None:
         seconds = median_seconds(runs, args.device, args.repeats)
         # operators dispatched by one more call of each (warm: prefix caches filled as in the timed rounds)
         ops = {key: dispatched_ops(fn) for key, fn in runs.items()}
+        if args.profile:
+            busy = profile_runs(runs, args.device, args.profile, f"{args.shape} batch {args.batch}")
     # one plain forward of the items: the choice batch holds 4 rows per item, so a quarter of its cost
     base = seconds["plain", ""] / 4
     rows = []
@@ -165,7 +210,7 @@ def main() -> None:
             row["cost_vs_plain_forward"][variant] = (seconds[key] - 4 * base) / base
             row["dispatched_ops_per_batch"][variant] = ops[key]
         rows.append(row)
-    store = next((c3po.prefix_store for key, c3po in c3pos.items() if key[1] == "suffix+cache"), None)
+    store = next((c3po.prefix_store for key, c3po in c3pos.items() if key[1].endswith("+cache")), None)
     per_neighbour = store.nbytes / len(store) if store is not None and len(store) else None
     memory = recording_bytes(rm, tok, [item["prompt"] for item in test], args.device)
 
@@ -175,14 +220,15 @@ def main() -> None:
         f"{args.prompt_tokens}-token prompts, {args.answer_tokens}-token answers, index of {len(index)}, on {name}; "
         f"one plain forward {base / args.batch * 1e3:.2f} ms per item"
     )
-    print(f"{'surrogate':<10}" + "".join(f"{v:>14}" for v in variants) + f"{'fwd/item':>10}{'bwd/item':>10}")
+    width = {v: max(14, len(v) + 2) for v in variants}
+    print(f"{'surrogate':<10}" + "".join(f"{v:>{width[v]}}" for v in variants) + f"{'fwd/item':>10}{'bwd/item':>10}")
     for row in rows:
         costs, cells = row["cost_vs_plain_forward"], []
         for variant in variants:
             if variant in costs:
-                cells.append(f"{costs[variant]:>13.2f}×")
+                cells.append(f"{costs[variant]:>{width[variant] - 1}.2f}×")
             else:  # "=": no forward steps, recompute does not apply; "—": no neighbours, nothing to cache
-                cells.append(f"{'=' if row['surrogate'] not in RECOMPUTING else '—':>14}")
+                cells.append(f"{'=' if row['surrogate'] not in RECOMPUTING else '—':>{width[variant]}}")
         print(
             f"{row['surrogate']:<10}" + "".join(cells) + f"{row['forward_passes_per_item']:>10.0f}"
             f"{row['backward_passes_per_item']:>10.0f}"
@@ -191,7 +237,10 @@ def main() -> None:
           f"{ops['plain', '']}:")  # fmt: skip
     for row in rows:
         counts = row["dispatched_ops_per_batch"]
-        print(f"{row['surrogate']:<10}" + "".join(f"{counts[v]:>14}" if v in counts else f"{'':>14}" for v in variants))
+        print(
+            f"{row['surrogate']:<10}"
+            + "".join(f"{counts[v]:>{width[v]}}" if v in counts else f"{'':>{width[v]}}" for v in variants)
+        )
     if per_neighbour is not None:
         print(f"prefix cache: {len(store)} neighbours, {per_neighbour / 2**20:.3f} MiB per neighbour")
     print(
@@ -224,6 +273,8 @@ def main() -> None:
             "prefix_cache_bytes_per_neighbour": per_neighbour,
             "prompt_forward_memory": memory,
         }
+        if args.profile:
+            record["profile"] = {f"{s}/{v}" if v else s: value for (s, v), value in busy.items()}
         with open(args.json, "w") as handle:
             json.dump(record, handle, indent=2)
 

@@ -77,8 +77,11 @@ def median_seconds(runs: dict[tuple[str, str], Callable[[], object]], device: st
             fn()
             if device == "cuda":
                 torch.cuda.synchronize()
+            elapsed = time.perf_counter() - start
             if round_idx > 0:
-                times[name].append(time.perf_counter() - start)
+                times[name].append(elapsed)
+            # as they come: a run cut at a time limit still shows what it measured
+            print(f"round {round_idx} {'/'.join(n for n in name if n)}: {elapsed:.3f} s", flush=True)
     return {name: statistics.median(values) for name, values in times.items()}
 
 

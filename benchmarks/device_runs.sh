@@ -11,7 +11,8 @@
 #   bash benchmarks/device_runs.sh arc            # issue 16: full-scale ARC-Challenge (carry .carry/full_scale_arc
 #                                                 # and .whl with a faiss-cpu wheel: see full_scale_arc.py --help)
 #
-# LIMIT=<seconds> caps the part's run (default 560; c3po 400), to fit two parts in one call.
+# LIMIT=<seconds> caps the part's run (default 560; c3po 400), to fit two parts in one call. For c3po, RECOMPUTE
+# (default "suffix suffix-compiled layers") and SURROGATES (default all, comma-separated) choose what is timed.
 # Results land in $OUT (the device tool's folder), else in benchmarks/results/device/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -57,9 +58,11 @@ gpu-tests)
   timeout "${LIMIT:-560}" python3 -m pytest tests/gpu -q -rfE --durations=10 -p no:cacheprovider -o addopts="" 2>&1 | tee "$out/gpu_tests.log"
   ;;
 c3po)
+  # shellcheck disable=SC2086
   timeout "${LIMIT:-400}" python3 benchmarks/bench_c3po.py --shape olmoe-1b-7b --device cuda --dtype bfloat16 --batch 8 \
-    --prompt-tokens 256 --answer-tokens 8 --reference 256 --repeats 2 --recompute suffix layers \
-    --json "$out/c3po_olmoe-1b-7b.json" 2>&1 | tee "$out/c3po.log"
+    --prompt-tokens 256 --answer-tokens 8 --reference 256 --repeats 2 --recompute ${RECOMPUTE:-suffix suffix-compiled layers} \
+    --surrogates "${SURROGATES:-mode,kernel,ngd,oracle,official}" \
+    --json "$out/c3po_olmoe-1b-7b.json" --profile "$out/c3po_profile.txt" 2>&1 | tee "$out/c3po.log"
   ;;
 arc)
   python3 -c "import faiss" || exit 1

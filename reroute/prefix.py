@@ -33,6 +33,11 @@ from reroute.attach import RoutedModel
 from reroute.compat import CACHE_KWARG
 from reroute.scoring import ContinuationBatch
 
+STEP_COMPILE: dict[str, dict[str, Any]] = {"cuda": {"mode": "reduce-overhead"}, "default": {}}
+"""``torch.compile`` options of a compiled :class:`SuffixScorer` step by device type (``"default"``: any other). On
+CUDA each step replays as a CUDA graph: an optimisation step launches a few hundred small kernels from Python
+(forward and backward through the critical layers), which bounds it by the host, not the GPU."""
+
 
 class _PassThrough(nn.Module):
     """Stands in for a decoder layer: returns the cached output (last prefix layer) or its input unchanged."""
@@ -268,6 +273,10 @@ class SuffixScorer:
     routing state of that moment, of the rows still missing (then kept in ``store``). Valid while the routing of
     layers below ``first_layer`` and of columns before ``start`` stays as it was then. ``batch``: continuation rows
     whose scored tokens all lie after ``start`` (``start < prompt_len``).
+
+    ``compiled``: each ``score()`` runs compiled (:data:`STEP_COMPILE`). Dynamo keeps the graphs across scorers:
+    the first call compiles, a second batch shape compiles once more with dynamic sizes, later shapes reuse that
+    (a CUDA graph is recorded per new shape); with gradients on and off, one graph each.
     """
 
     def __init__(
@@ -277,6 +286,7 @@ class SuffixScorer:
         first_layer: int,
         start: int,
         store: PrefixStore | None = None,
+        compiled: bool = False,
     ) -> None:
         if not 0 < start < batch.prompt_len:
             raise ValueError(f"suffix start must be in (0, {batch.prompt_len}), got {start}")
@@ -286,6 +296,11 @@ class SuffixScorer:
         self.layers = decoder_layers(rm)
         self.saved: list[nn.Module] = []
         self.rows_run = 0
+        self.compiled = compiled
+        self._score = self._logprobs
+        if compiled:
+            options = STEP_COMPILE.get(batch.input_ids.device.type, STEP_COMPILE["default"])
+            self._score = torch.compile(self._logprobs, **options)
 
     def _run(self, columns: slice, cache: DynamicCache, rows: list[int] | None = None) -> torch.Tensor:
         batch = self.batch
@@ -406,6 +421,12 @@ class SuffixScorer:
 
     def __call__(self) -> torch.Tensor:
         """Summed log-probability of each row's continuation ``[B]`` under the current routing state."""
+        if not self.compiled:
+            return self._logprobs()
+        # a CUDA graph's output lives in its memory pool, which the next replay overwrites: callers keep a copy
+        return self._score().clone()
+
+    def _logprobs(self) -> torch.Tensor:
         cache = DynamicCache(self.prefix_kv)  # a fresh cache per step: the prefix stays a constant of the graph
         logits = self._run(slice(self.start, None), cache)
         targets = self.batch.input_ids[:, self.start + 1 :]

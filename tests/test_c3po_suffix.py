@@ -282,3 +282,44 @@ def test_prompt_forward_records_only_the_last_column_and_the_hidden_mean(olmoe_s
     tensors = [t for records in trace.records.values() for r in records for t in (r.logits, r.indices, r.weights)]
     full_bytes = sum(t.numel() * t.element_size() for t in [*tensors, *out.hidden_states])
     assert full_bytes > seq * state.recorded_bytes
+
+
+@pytest.fixture
+def compile_with_aot_eager(monkeypatch):
+    """Compiled steps trace as on any device (dynamo + AOTAutograd) but run without Inductor's code generation."""
+    import reroute.prefix
+
+    monkeypatch.setitem(reroute.prefix.STEP_COMPILE, "default", {"backend": "aot_eager"})
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("surrogate", ["ngd", "oracle"])
+def test_compiled_steps_equal_eager_steps(family_setup, surrogate, compile_with_aot_eager):
+    if surrogate == "oracle" and family_setup[0].family.model_type != "olmoe":
+        pytest.skip("the oracle runs NGD's loop on its own rows: one family covers it (compiling is slow)")
+    """recompute='suffix-compiled' (each step compiled, gradients through the compiled graph) gives the eager suffix
+    recompute's weights, gains and predictions; across calls with new batch shapes it compiles at most once more
+    (dynamic sizes after the first change), then never."""
+    from torch._dynamo.utils import counters
+
+    rm, tok, index = family_setup
+    kwargs = dict(
+        surrogate=surrogate, critical_layers=2, core_experts=6, steps=6, lr=0.3, min_gain=None, max_confidence=None
+    )
+    eager, compiled = (C3PO(rm, index, tok, recompute=mode, **kwargs) for mode in ("suffix", "suffix-compiled"))
+    graphs = []
+    for call, (n, seed, length) in enumerate([(4, 2, 9), (3, 5, 11), (2, 8, 12)]):
+        test = _items(n, seed, length)
+        before = counters["stats"]["unique_graphs"]
+        want, got = eager.adapt(test), compiled.adapt(test)
+        graphs.append(counters["stats"]["unique_graphs"] - before)
+        for layer in want.pathway.layers:
+            assert torch.equal(got.pathway.experts[layer], want.pathway.experts[layer])
+            diff = (got.pathway.omega(layer) - want.pathway.omega(layer)).abs().max()
+            assert diff <= 1e-5, f"call {call}: mixing weights differ by {diff}"
+        torch.testing.assert_close(got.gain, want.gain, rtol=0, atol=1e-5)
+        assert compiled.score_choices(test, got) == eager.score_choices(test, want)
+    # the first call compiles the step with and without gradients (NGD's last step scores without): two graphs
+    assert graphs[0] == 2 and graphs[2] == 0, graphs

@@ -6,8 +6,9 @@ from dataclasses import dataclass, field
 
 SURROGATES = ("ngd", "kernel", "mode", "oracle", "official")
 KERNELS = ("gaussian", "matern", "polynomial", "linear")
-RECOMPUTE = ("suffix", "layers", "full")
-"""What each surrogate step recomputes (see :func:`reroute.c3po.surrogates.neighbour_scorer`)."""
+RECOMPUTE = ("suffix", "layers", "full", "suffix-compiled")
+"""What each surrogate step recomputes (see :func:`reroute.c3po.surrogates.neighbour_scorer`); ``suffix-compiled`` is
+``suffix`` with each step compiled (:data:`reroute.prefix.STEP_COMPILE`)."""
 
 
 @dataclass
@@ -72,7 +73,9 @@ class C3POConfig:
         default="suffix",
         metadata={
             "help": "what each surrogate step recomputes: suffix (the re-mixed token(s) and the answer through the "
-            "critical layers), layers (every position through the critical layers) or full; same results"
+            "critical layers), layers (every position through the critical layers), full, or suffix-compiled "
+            "(suffix, each step compiled with torch.compile and replayed as a CUDA graph on CUDA: the first call at "
+            "a new batch shape compiles or records); same results up to float rounding"
         },
     )
 

@@ -29,8 +29,9 @@ from reroute.scoring import ContinuationBatch, continuation_logprobs
 
 """What an optimisation step recomputes: ``suffix`` only the re-mixed position(s) and the continuation through the
 critical layers (KV cache of the earlier positions, hidden states entering the first critical layer); ``layers``
-every position through the critical layers; ``full`` the whole forward. All three give the same losses up to float
-rounding; ``suffix`` costs least."""
+every position through the critical layers; ``full`` the whole forward; ``suffix-compiled`` the suffix, each step
+compiled (:data:`reroute.prefix.STEP_COMPILE`). All give the same losses up to float rounding; ``suffix`` costs least
+in eager mode."""
 
 
 def kernel_weights(similarity: torch.Tensor, kind: str = "gaussian", bandwidth: float | None = None) -> torch.Tensor:
@@ -195,8 +196,9 @@ def neighbour_scorer(
     start = int(valid.min()) if valid.numel() else neighbours.prompt_len - 1
     first_layer = min(layers)
     with frozen_weights(rm.model), frozen(rm.offsets.parameters()):  # no gradient left on them
-        if recompute == "suffix" and 0 < start < neighbours.prompt_len:
-            with SuffixScorer(rm, neighbours, first_layer, start, store) as score:
+        if recompute.startswith("suffix") and 0 < start < neighbours.prompt_len:
+            compiled = recompute == "suffix-compiled"
+            with SuffixScorer(rm, neighbours, first_layer, start, store, compiled) as score:
                 yield score
             return
 
