@@ -104,6 +104,34 @@ def test_c3po_static_cache_generate_with_kernels_equals_dynamic() -> None:
     assert torch.equal(static, c3po.generate(**kwargs))
 
 
+@pytest.mark.parametrize("surrogate", ["ngd", "kernel"])
+def test_c3po_compiled_steps_with_kernels_equal_eager_steps(surrogate: str) -> None:
+    """recompute='suffix-compiled' on CUDA (Inductor, each step a CUDA graph, gradients through reroute's expert
+    kernel) gives the eager suffix steps' pathways, in fp32; a second call reuses the graphs."""
+    pytest.importorskip("faiss")
+    from conftest import random_mc_items
+
+    from reroute.c3po import C3PO, ReferenceIndex
+    from reroute.testing import tiny_tokenizer
+
+    model = tiny_model("olmoe").cuda().eval()
+    rm, tok = reroute.attach(model), tiny_tokenizer()
+    index = ReferenceIndex.build(rm, tok, random_mc_items(32, 1, 6), progress=False)
+    kwargs = dict(surrogate=surrogate, critical_layers=2, core_experts=6, steps=6, lr=0.3, min_gain=None,
+                  max_confidence=None, max_typicality=None)  # fmt: skip
+    eager, compiled = (C3PO(rm, index, tok, recompute=mode, **kwargs) for mode in ("suffix", "suffix-compiled"))
+    for call in range(2):
+        test = random_mc_items(4, 2 + call, 6)
+        before = counters["stats"]["unique_graphs"]
+        want, got = eager.adapt(test), compiled.adapt(test)
+        if call == 1:
+            assert counters["stats"]["unique_graphs"] == before
+        for layer in want.pathway.layers:
+            assert torch.equal(got.pathway.experts[layer], want.pathway.experts[layer])
+            diff = float((got.pathway.omega(layer) - want.pathway.omega(layer)).abs().max())
+            assert diff <= 1e-4, f"call {call}: mixing weights differ by {diff}"
+
+
 def test_late_stop_on_cuda_equals_the_waiting_loop(monkeypatch: pytest.MonkeyPatch) -> None:
     """decode()'s LateStop (pinned flag + event, read one step late) against reading the flag every step."""
     import reroute.generation as generation
