@@ -12,7 +12,8 @@
 #                                                 # and .whl with a faiss-cpu wheel: see full_scale_arc.py --help)
 #
 # LIMIT=<seconds> caps the part's run (default 560; c3po 400), to fit two parts in one call. For c3po, RECOMPUTE
-# (default "suffix suffix-compiled layers") and SURROGATES (default all, comma-separated) choose what is timed.
+# (default "suffix suffix-compiled layers") and SURROGATES (default all, comma-separated) choose what is timed;
+# for gpu-tests, TESTS (default tests/gpu) the test files or node ids.
 # Results land in $OUT (the device tool's folder), else in benchmarks/results/device/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -55,7 +56,8 @@ decode-qwen3)
     rerouter_compiled scmoe_compiled --json "$out/decode_qwen3-30b-a3b_12layers.json" 2>&1 | tee "$out/decode_qwen3.log"
   ;;
 gpu-tests)
-  timeout "${LIMIT:-560}" python3 -m pytest tests/gpu -q -rfE --durations=10 -p no:cacheprovider -o addopts="" 2>&1 | tee "$out/gpu_tests.log"
+  # shellcheck disable=SC2086
+  timeout "${LIMIT:-560}" python3 -m pytest ${TESTS:-tests/gpu} -q -rfE --durations=10 -p no:cacheprovider -o addopts="" 2>&1 | tee "$out/gpu_tests.log"
   ;;
 c3po)
   # shellcheck disable=SC2086
