@@ -34,9 +34,10 @@ from reroute.compat import CACHE_KWARG
 from reroute.scoring import ContinuationBatch
 
 STEP_COMPILE: dict[str, dict[str, Any]] = {"cuda": {"mode": "reduce-overhead"}, "default": {}}
-"""``torch.compile`` options of a compiled :class:`SuffixScorer` step by device type (``"default"``: any other). On
-CUDA each step replays as a CUDA graph: an optimisation step launches a few hundred small kernels from Python
-(forward and backward through the critical layers), which bounds it by the host, not the GPU."""
+"""``torch.compile`` options of a compiled :class:`SuffixScorer` step by device type (``"default"``: any other), always
+with ``fullgraph=True``. On CUDA each step replays as a CUDA graph: an eager optimisation step launches a few hundred
+small kernels from Python (forward and backward through the critical layers), which bounds it by the host, not the
+GPU."""
 
 
 class _PassThrough(nn.Module):
@@ -300,7 +301,9 @@ class SuffixScorer:
         self._score = self._logprobs
         if compiled:
             options = STEP_COMPILE.get(batch.input_ids.device.type, STEP_COMPILE["default"])
-            self._score = torch.compile(self._logprobs, **options)
+            # one graph or none: a graph break would split the forward into pieces run in between eagerly, where
+            # a replayed CUDA graph no longer pays off and the routing's per-call state is not in place
+            self._score = torch.compile(self._logprobs, fullgraph=True, **options)
 
     def _run(self, columns: slice, cache: DynamicCache, rows: list[int] | None = None) -> torch.Tensor:
         batch = self.batch
@@ -423,8 +426,16 @@ class SuffixScorer:
         """Summed log-probability of each row's continuation ``[B]`` under the current routing state."""
         if not self.compiled:
             return self._logprobs()
+        try:
+            out = self._score()
+        except torch._dynamo.exc.TorchDynamoException as exc:
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise RuntimeError(
+                "recompute='suffix-compiled' needs each step to compile as one graph, and this model's does not "
+                f"({reason}); use recompute='suffix' (the same steps, eager)"
+            ) from exc
         # a CUDA graph's output lives in its memory pool, which the next replay overwrites: callers keep a copy
-        return self._score().clone()
+        return out.clone()
 
     def _logprobs(self) -> torch.Tensor:
         cache = DynamicCache(self.prefix_kv)  # a fresh cache per step: the prefix stays a constant of the graph

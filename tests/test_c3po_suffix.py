@@ -285,14 +285,23 @@ def test_prompt_forward_records_only_the_last_column_and_the_hidden_mean(olmoe_s
 
 
 @pytest.fixture
-def compile_with_aot_eager(monkeypatch):
-    """Compiled steps trace as on any device (dynamo + AOTAutograd) but run without Inductor's code generation."""
+def compile_with_aot_eager(monkeypatch, family_setup):
+    """Compiled steps trace as on any device (dynamo + AOTAutograd) but run without Inductor's code generation. The
+    experts run as ``batched_mm``: transformers 5.17's CPU fallback of ``grouped_mm`` reads its group sizes on the
+    host in its backward, which no graph can hold (on CUDA ``grouped_mm`` is native, and reroute's kernels are ops)."""
     import reroute.prefix
+    from reroute.compat import set_experts_implementation
 
     monkeypatch.setitem(reroute.prefix.STEP_COMPILE, "default", {"backend": "aot_eager"})
+    configs = {id(m.config): m.config for m in family_setup[0].model.modules() if hasattr(m, "gate_up_proj")}
+    saved = {key: config._experts_implementation for key, config in configs.items()}
+    for config in configs.values():
+        set_experts_implementation(config, "batched_mm")
     torch._dynamo.reset()
     yield
     torch._dynamo.reset()
+    for key, config in configs.items():
+        set_experts_implementation(config, saved[key])
 
 
 @pytest.mark.parametrize("surrogate", ["ngd", "oracle"])
@@ -323,3 +332,22 @@ def test_compiled_steps_equal_eager_steps(family_setup, surrogate, compile_with_
         assert compiled.score_choices(test, got) == eager.score_choices(test, want)
     # the first call compiles the step with and without gradients (NGD's last step scores without): two graphs
     assert graphs[0] == 2 and graphs[2] == 0, graphs
+
+
+def test_a_step_that_does_not_compile_as_one_graph_says_so(family_setup, compile_with_aot_eager):
+    """A graph break in the step (here a hook on the last decoder layer) is a clear error naming the eager
+    alternative, and the model is left with no re-mixing installed."""
+    from reroute.prefix import decoder_layers
+
+    rm, tok, index = family_setup
+    if rm.family.model_type != "olmoe":
+        pytest.skip("one family shows the error path")
+    handle = decoder_layers(rm)[-1].register_forward_hook(lambda *args: torch._dynamo.graph_break())
+    try:
+        c3po = C3PO(rm, index, tok, critical_layers=1, steps=2, min_gain=None, max_confidence=None,
+                    recompute="suffix-compiled")  # fmt: skip
+        with pytest.raises(RuntimeError, match="compile as one graph.*recompute='suffix'"):
+            c3po.adapt(_items(2, 3))
+    finally:
+        handle.remove()
+    assert all(rm.layer(layer).mixing is None for layer in rm.moe_layers)
