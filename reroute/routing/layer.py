@@ -74,20 +74,21 @@ class Mixing:
     positions: torch.Tensor
 
 
-class HeldState:
+def held_state(name: str) -> property:
     """A :class:`LayerRouting` attribute (per-row offsets, policy rows, re-mixing) that keeps the value assigned to
     it, while ``layer.graph`` gets a copy of it at a fixed address for the compiled path (:meth:`GraphState.hold`:
-    a CUDA graph replay reads its inputs where they were when it was recorded)."""
+    a CUDA graph replay reads its inputs where they were when it was recorded). A ``property`` (not a descriptor
+    class, whose ``__get__`` torch 2.11's dynamo re-enters until the recursion limit)."""
+    key = f"_{name}"
 
-    def __set_name__(self, owner: type, name: str) -> None:
-        self.name = name
+    def get(layer: LayerRouting) -> Any:
+        return getattr(layer, key)
 
-    def __get__(self, layer: LayerRouting | None, owner: type | None = None) -> Any:
-        return self if layer is None else layer.__dict__[self.name]
+    def put(layer: LayerRouting, value: Any) -> None:
+        setattr(layer.graph, name, layer.graph.hold(name, value))
+        setattr(layer, key, value)
 
-    def __set__(self, layer: LayerRouting, value: Any) -> None:
-        setattr(layer.graph, self.name, layer.graph.hold(self.name, value))
-        layer.__dict__[self.name] = value
+    return property(get, put, doc=f"held routing state ``{name}`` (see :func:`held_state`)")
 
 
 def execution_device(router: nn.Module) -> torch.device:
@@ -195,9 +196,9 @@ class LayerRouting:
 
     # per-row state and re-mixing: the attribute keeps the assigned value (callers save and restore it), and the
     # compiled path reads ``graph``'s copy of it at a fixed address (GraphState.hold), which CUDA graphs replay
-    row_offsets = HeldState()
-    policy_rows = HeldState()
-    mixing = HeldState()
+    row_offsets = held_state("row_offsets")
+    policy_rows = held_state("policy_rows")
+    mixing = held_state("mixing")
 
     def mark_static(self) -> None:
         """Give the offsets a fixed address for CUDA graphs (replays then read them in place, no copy per step)."""
