@@ -290,7 +290,9 @@ def prompt_forward(rm: RoutedModel, batch: ContinuationBatch, hidden: bool = Fal
     finally:
         if handle is not None:
             handle.remove()
-    pathways = torch.stack([recorder.scores(layer).float().cpu() for layer in rm.moe_layers], dim=1)
+    # one read-back for every layer (a model spread over devices gathers on the head's device first)
+    head = out.logits.device
+    pathways = torch.stack([recorder.scores(layer).float().to(head) for layer in rm.moe_layers], dim=1).cpu()
     confidence = torch.softmax(out.logits[:, -1].float(), dim=-1).max(dim=-1).values.cpu()
     embedding = means[0] if hidden else None
     recorded = recorder.nbytes + (0 if embedding is None else embedding.numel() * embedding.element_size())
