@@ -142,6 +142,11 @@ def main() -> None:
     parser.add_argument(
         "--surrogates", default="mode,kernel,ngd,oracle,official", help="comma-separated surrogates to time"
     )
+    parser.add_argument(
+        "--no-skip-gates",
+        action="store_true",
+        help="turn off the gates that skip the surrogate (confidence, typicality), so every item pays for it",
+    )
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     parser.add_argument("--json", help="write the results here")
     parser.add_argument(
@@ -178,12 +183,28 @@ def main() -> None:
             if variant.endswith("+cache") and surrogate not in NEIGHBOUR_SURROGATES:
                 continue
             recompute, cached = variant.removesuffix("+cache"), variant.endswith("+cache")
+            gates = dict(max_confidence=None, max_typicality=None) if args.no_skip_gates else {}
             c3pos[surrogate, variant] = C3PO(
-                rm, index, tok, surrogate=surrogate, recompute=recompute, prefix_cache_mib=1e6 if cached else 0
+                rm,
+                index,
+                tok,
+                surrogate=surrogate,
+                recompute=recompute,
+                prefix_cache_mib=1e6 if cached else 0,
+                **gates,
             )
     runs = {("plain", ""): partial(continuation_logprobs, model, batch)}
     runs.update({key: partial(c3po.score_choices, test) for key, c3po in c3pos.items()})
+    errors: dict[str, str] = {}
     with torch.no_grad():
+        # a first call of each (it compiles what compiles): a run that fails is reported, the others still timed
+        for key in list(runs):
+            try:
+                runs[key]()
+            except Exception as exc:  # noqa: BLE001 - a benchmark reports any failure and goes on
+                errors["/".join(key)] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                print(f"{'/'.join(key)} failed: {errors['/'.join(key)]}", flush=True)
+                del runs[key]
         seconds = median_seconds(runs, args.device, args.repeats)
         # operators dispatched by one more call of each (warm: prefix caches filled as in the timed rounds)
         ops = {key: dispatched_ops(fn) for key, fn in runs.items()}
@@ -193,7 +214,10 @@ def main() -> None:
     base = seconds["plain", ""] / 4
     rows = []
     for surrogate in surrogates:
-        stats = c3pos[surrogate, variants[0]].adapt(test).stats
+        timed = next((v for v in variants if (surrogate, v) in runs), None)
+        if timed is None:
+            continue  # every variant failed: its errors say why
+        stats = c3pos[surrogate, timed].adapt(test).stats
         row = {
             "surrogate": surrogate,
             "forward_passes_per_item": stats["forward_passes"],
@@ -203,7 +227,7 @@ def main() -> None:
             "dispatched_ops_per_batch": {},
         }
         for variant in variants:
-            key = (surrogate, variant) if (surrogate, variant) in c3pos else None
+            key = (surrogate, variant) if (surrogate, variant) in runs else None
             if key is None:
                 continue
             row["seconds_per_batch"][variant] = seconds[key]
@@ -227,6 +251,8 @@ def main() -> None:
         for variant in variants:
             if variant in costs:
                 cells.append(f"{costs[variant]:>{width[variant] - 1}.2f}×")
+            elif f"{row['surrogate']}/{variant}" in errors:
+                cells.append(f"{'failed':>{width[variant]}}")
             else:  # "=": no forward steps, recompute does not apply; "—": no neighbours, nothing to cache
                 cells.append(f"{'=' if row['surrogate'] not in RECOMPUTING else '—':>{width[variant]}}")
         print(
@@ -241,6 +267,8 @@ def main() -> None:
             f"{row['surrogate']:<10}"
             + "".join(f"{counts[v]:>{width[v]}}" if v in counts else f"{'':>{width[v]}}" for v in variants)
         )
+    for key, error in errors.items():
+        print(f"{key} failed: {error}")
     if per_neighbour is not None:
         print(f"prefix cache: {len(store)} neighbours, {per_neighbour / 2**20:.3f} MiB per neighbour")
     print(
@@ -266,12 +294,14 @@ def main() -> None:
             "answer_tokens": args.answer_tokens,
             "threads": torch.get_num_threads(),
             "variants": variants,
+            "skip_gates": not args.no_skip_gates,
             "index_size": len(index),
             "plain_forward_seconds_per_batch": base,
             "plain_scoring_dispatched_ops": ops["plain", ""],
             "rows": rows,
             "prefix_cache_bytes_per_neighbour": per_neighbour,
             "prompt_forward_memory": memory,
+            "errors": errors,
         }
         if args.profile:
             record["profile"] = {f"{s}/{v}" if v else s: value for (s, v), value in busy.items()}

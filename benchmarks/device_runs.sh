@@ -63,7 +63,7 @@ c3po)
   # shellcheck disable=SC2086
   timeout "${LIMIT:-400}" python3 benchmarks/bench_c3po.py --shape olmoe-1b-7b --device cuda --dtype bfloat16 --batch 8 \
     --prompt-tokens 256 --answer-tokens 8 --reference 256 --repeats 2 --recompute ${RECOMPUTE:-suffix suffix-compiled layers} \
-    --surrogates "${SURROGATES:-mode,kernel,ngd,oracle,official}" \
+    --surrogates "${SURROGATES:-mode,kernel,ngd,oracle,official}" --no-skip-gates \
     --json "$out/c3po_olmoe-1b-7b.json" --profile "$out/c3po_profile.txt" 2>&1 | tee "$out/c3po.log"
   ;;
 arc)

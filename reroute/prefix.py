@@ -429,7 +429,8 @@ class SuffixScorer:
         try:
             out = self._score()
         except torch._dynamo.exc.TorchDynamoException as exc:
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+            reason = " ".join(lines[:2])[:300] if lines else type(exc).__name__
             raise RuntimeError(
                 "recompute='suffix-compiled' needs each step to compile as one graph, and this model's does not "
                 f"({reason}); use recompute='suffix' (the same steps, eager)"
