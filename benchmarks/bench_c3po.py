@@ -176,6 +176,7 @@ def main() -> None:
         name for variant in variants for name in (variant, f"{variant}+cache")[: 1 + variant.startswith("suffix")]
     ]
     c3pos: dict[tuple[str, str], C3PO] = {}
+    gates = dict(max_confidence=None, max_typicality=None) if args.no_skip_gates else {}
     for surrogate in surrogates:
         for variant in variants:
             if variant != variants[0] and surrogate not in RECOMPUTING:
@@ -183,7 +184,6 @@ def main() -> None:
             if variant.endswith("+cache") and surrogate not in NEIGHBOUR_SURROGATES:
                 continue
             recompute, cached = variant.removesuffix("+cache"), variant.endswith("+cache")
-            gates = dict(max_confidence=None, max_typicality=None) if args.no_skip_gates else {}
             c3pos[surrogate, variant] = C3PO(
                 rm,
                 index,
@@ -195,17 +195,9 @@ def main() -> None:
             )
     runs = {("plain", ""): partial(continuation_logprobs, model, batch)}
     runs.update({key: partial(c3po.score_choices, test) for key, c3po in c3pos.items()})
-    errors: dict[str, str] = {}
+    errors: dict[str, str] = {}  # a run that fails in the warm-up round: reported, the others still timed
     with torch.no_grad():
-        # a first call of each (it compiles what compiles): a run that fails is reported, the others still timed
-        for key in list(runs):
-            try:
-                runs[key]()
-            except Exception as exc:  # noqa: BLE001 - a benchmark reports any failure and goes on
-                errors["/".join(key)] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-                print(f"{'/'.join(key)} failed: {errors['/'.join(key)]}", flush=True)
-                del runs[key]
-        seconds = median_seconds(runs, args.device, args.repeats)
+        seconds = median_seconds(runs, args.device, args.repeats, errors)
         # operators dispatched by one more call of each (warm: prefix caches filled as in the timed rounds)
         ops = {key: dispatched_ops(fn) for key, fn in runs.items()}
         if args.profile:

@@ -65,23 +65,41 @@ def build(shape: str, device: str, dtype: torch.dtype) -> transformers.PreTraine
     return transformers.OlmoeForCausalLM(config).to(device=device, dtype=dtype).eval()
 
 
-def median_seconds(runs: dict[tuple[str, str], Callable[[], object]], device: str, repeats: int) -> dict:
+def median_seconds(
+    runs: dict[tuple[str, str], Callable[[], object]],
+    device: str,
+    repeats: int,
+    errors: dict[str, str] | None = None,
+) -> dict:
     """Median wall time of each run over ``repeats`` rounds, after a warm-up round. Rounds visit the runs in turn,
-    so that load changes on a shared machine affect every run alike."""
+    so that load changes on a shared machine affect every run alike.
+
+    ``errors``: a run that raises in the warm-up round is recorded there (``"name/variant": "Type: first line"``),
+    removed from ``runs`` and not timed, while the others go on; without it the error propagates."""
     times: dict[tuple[str, str], list[float]] = {name: [] for name in runs}
     for round_idx in range(repeats + 1):
-        for name, fn in runs.items():
+        for name, fn in list(runs.items()):
+            label = "/".join(n for n in name if n)
             if device == "cuda":
                 torch.cuda.synchronize()
             start = time.perf_counter()
-            fn()
+            try:
+                fn()
+            except Exception as exc:  # noqa: BLE001 - a benchmark reports any failure and goes on
+                if errors is None or round_idx > 0:
+                    raise
+                lines = str(exc).splitlines()
+                errors[label] = f"{type(exc).__name__}: {lines[0] if lines else ''}"
+                print(f"{label} failed: {errors[label]}", flush=True)
+                del runs[name], times[name]
+                continue
             if device == "cuda":
                 torch.cuda.synchronize()
             elapsed = time.perf_counter() - start
             if round_idx > 0:
                 times[name].append(elapsed)
             # as they come: a run cut at a time limit still shows what it measured
-            print(f"round {round_idx} {'/'.join(n for n in name if n)}: {elapsed:.3f} s", flush=True)
+            print(f"round {round_idx} {label}: {elapsed:.3f} s", flush=True)
     return {name: statistics.median(values) for name, values in times.items()}
 
 

@@ -297,13 +297,12 @@ class SuffixScorer:
         self.layers = decoder_layers(rm)
         self.saved: list[nn.Module] = []
         self.rows_run = 0
-        self.compiled = compiled
-        self._score = self._logprobs
+        self._compiled: Any = None  # the compiled _logprobs, with ``compiled``
         if compiled:
             options = STEP_COMPILE.get(batch.input_ids.device.type, STEP_COMPILE["default"])
             # one graph or none: a graph break would split the forward into pieces run in between eagerly, where
             # a replayed CUDA graph no longer pays off and the routing's per-call state is not in place
-            self._score = torch.compile(self._logprobs, fullgraph=True, **options)
+            self._compiled = torch.compile(self._logprobs, fullgraph=True, **options)
 
     def _run(self, columns: slice, cache: DynamicCache, rows: list[int] | None = None) -> torch.Tensor:
         batch = self.batch
@@ -424,10 +423,10 @@ class SuffixScorer:
 
     def __call__(self) -> torch.Tensor:
         """Summed log-probability of each row's continuation ``[B]`` under the current routing state."""
-        if not self.compiled:
+        if self._compiled is None:
             return self._logprobs()
         try:
-            out = self._score()
+            out = self._compiled()
         except torch._dynamo.exc.TorchDynamoException as exc:
             lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
             reason = " ".join(lines[:2])[:300] if lines else type(exc).__name__

@@ -306,11 +306,11 @@ def compile_with_aot_eager(monkeypatch, family_setup):
 
 @pytest.mark.parametrize("surrogate", ["ngd", "oracle"])
 def test_compiled_steps_equal_eager_steps(family_setup, surrogate, compile_with_aot_eager):
-    if surrogate == "oracle" and family_setup[0].family.model_type != "olmoe":
-        pytest.skip("the oracle runs NGD's loop on its own rows: one family covers it (compiling is slow)")
     """recompute='suffix-compiled' (each step compiled, gradients through the compiled graph) gives the eager suffix
     recompute's weights, gains and predictions; across calls with new batch shapes it compiles at most once more
     (dynamic sizes after the first change), then never."""
+    if surrogate == "oracle" and family_setup[0].family.model_type != "olmoe":
+        pytest.skip("the oracle runs NGD's loop on its own rows: one family covers it (compiling is slow)")
     from torch._dynamo.utils import counters
 
     rm, tok, index = family_setup
