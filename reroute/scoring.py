@@ -13,7 +13,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+from transformers import DynamicCache
 
+from reroute.compat import CACHE_KWARG
 from reroute.data import Item, gold_text
 
 if TYPE_CHECKING:
@@ -90,6 +92,102 @@ def continuation_logprobs(model: nn.Module, batch: ContinuationBatch) -> torch.T
     """Sum of the log-probabilities of each row's continuation tokens ``[B]`` (differentiable)."""
     token_lp = next_token_logprobs(model, batch.input_ids, batch.attention_mask)
     return (token_lp * batch.target_mask[:, 1:]).sum(-1)
+
+
+PromptKV = list[tuple[torch.Tensor, torch.Tensor]]
+"""Per decoder layer, the keys and values ``[rows, kv_heads, columns, head_dim]`` of the first columns of a batch of
+left-padded prompts: what scoring their continuations can reuse instead of running the prompts again."""
+
+
+def prompt_kv(cache: Any, columns: int) -> PromptKV:
+    """The first ``columns`` of every layer of a transformers 5.x ``DynamicCache`` (per-layer ``keys``/``values``)."""
+    try:
+        return [(layer.keys[..., :columns, :], layer.values[..., :columns, :]) for layer in cache.layers]
+    except AttributeError as exc:  # a cache layout other than transformers 5.x's per-layer keys/values
+        raise RuntimeError("reusing a prompt's KV cache needs a transformers 5.x DynamicCache") from exc
+
+
+def prompt_forward_kv(
+    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, columns: int, **kwargs: Any
+) -> tuple[Any, PromptKV]:
+    """One forward of left-padded prompts that keeps their KV cache: the model's output (last column's logits only)
+    and the keys and values of the first ``columns`` (:func:`prompt_kv`). ``kwargs`` go to the model call.
+
+    The cache is a plain ``DynamicCache`` made here, so every layer keeps every column (a sliding-window layer too:
+    its mask, not its cache, limits what it attends to)."""
+    cache = DynamicCache()
+    out = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=(attention_mask.cumsum(-1) - 1).clamp(min=0),
+        use_cache=True,
+        logits_to_keep=1,  # left padding: the last column is every prompt's last token
+        **{CACHE_KWARG: cache},
+        **kwargs,
+    )
+    return out, prompt_kv(cache, columns)
+
+
+def shares_prompts(batch: ContinuationBatch, prompts: ContinuationBatch) -> bool:
+    """Whether ``batch`` (``n`` rows per prompt, item-major) holds, in its prompt columns, exactly the rows of
+    ``prompts`` (the same tokens, the same padding), so that :func:`continuation_logprobs_from` may reuse their KV."""
+    rows = prompts.input_ids.shape[0]
+    if batch.prompt_len != prompts.prompt_len or rows == 0 or batch.input_ids.shape[0] % rows:
+        return False
+    n = batch.input_ids.shape[0] // rows
+    p = batch.prompt_len
+    return torch.equal(batch.input_ids[::n, :p], prompts.input_ids[:, :p]) and torch.equal(
+        batch.attention_mask[::n, :p], prompts.attention_mask[:, :p]
+    )
+
+
+def continuation_logprobs_from(model: nn.Module, batch: ContinuationBatch, prefix: PromptKV) -> torch.Tensor:
+    """What :func:`continuation_logprobs` gives (``[B]``, up to float rounding), running only the columns after
+    ``prefix``: ``prefix`` holds the KV of the first columns of each prompt (``[B / n, ...]``: the ``n`` rows of a
+    prompt, item-major, share one entry), as :func:`prompt_forward_kv` keeps it. Those columns must not differ
+    between the prompt forward and this one (routing state that changes them — C3PO re-mixes at the last prompt
+    token — must start after them), and must end before the first scored token."""
+    columns = prefix[0][0].shape[-2]
+    if not 0 < columns <= batch.prompt_len - 1:
+        raise ValueError(f"the reused prompt columns must be 1 to {batch.prompt_len - 1}, got {columns}")
+    repeats, left = divmod(batch.input_ids.shape[0], prefix[0][0].shape[0])
+    if left:
+        raise ValueError(f"{batch.input_ids.shape[0]} rows do not split into {prefix[0][0].shape[0]} prompts")
+    cache = DynamicCache(
+        [(keys.repeat_interleave(repeats, 0), values.repeat_interleave(repeats, 0)) for keys, values in prefix]
+    )
+    position_ids = (batch.attention_mask.cumsum(-1) - 1).clamp(min=0)
+    logits = model(
+        input_ids=batch.input_ids[:, columns:],
+        attention_mask=batch.attention_mask,
+        position_ids=position_ids[:, columns:],
+        use_cache=True,
+        **{CACHE_KWARG: cache},
+    ).logits
+    targets = batch.input_ids[:, columns + 1 :]
+    logprobs = torch.log_softmax(logits[:, :-1].float(), dim=-1).gather(-1, targets[..., None])[..., 0]
+    return (logprobs * batch.target_mask[:, columns + 1 :]).sum(-1)
+
+
+def continuation_logprobs_shared(model: nn.Module, batch: ContinuationBatch, n: int) -> torch.Tensor:
+    """:func:`continuation_logprobs` of a batch of ``n`` continuations per prompt (item-major, e.g. a
+    :func:`choice_batch`) that runs each prompt once: the prompts, then every row's last prompt token and
+    continuation on their KV. Equal up to float rounding; the prompt tokens pass through the model once instead of
+    ``n`` times."""
+    rows = batch.input_ids.shape[0]
+    if n < 1 or rows % n:
+        raise ValueError(f"{rows} rows do not split into groups of n={n}")
+    p = batch.prompt_len
+    if p < 2:
+        return continuation_logprobs(model, batch)
+    ids, mask = batch.input_ids[::n, :p], batch.attention_mask[::n, :p]
+    if not (
+        torch.equal(batch.input_ids[:, :p], ids.repeat_interleave(n, 0))
+        and torch.equal(batch.attention_mask[:, :p], mask.repeat_interleave(n, 0))
+    ):
+        raise ValueError(f"each group of n={n} consecutive rows must share one prompt (tokens and padding)")
+    _, prefix = prompt_forward_kv(model, ids, mask, p - 1)
+    return continuation_logprobs_from(model, batch, prefix)
 
 
 def decode_continuations(tokenizer: Any, sequences: torch.Tensor, prompt_len: int) -> list[str]:

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from reroute.attach import RoutedModel
-from reroute.scoring import ContinuationBatch, prompt_batch
+from reroute.scoring import ContinuationBatch, PromptKV, prompt_batch, prompt_forward_kv
 
 
 def _normalise(x: torch.Tensor) -> torch.Tensor:
@@ -252,24 +252,29 @@ class PromptState:
         embedding: ``[N, H]`` the :class:`HiddenStateEmbedder` embedding of the prompts, when asked for.
         recorded_bytes: bytes the forward kept beside the model's own working memory (the routing at the last
             prompt token; the hidden-state mean), the quantity ``benchmarks/bench_c3po.py`` reports.
+        prefix: the keys and values of the first ``prefix_columns`` prompt columns on the model's device, when
+            asked for (:func:`~reroute.scoring.continuation_logprobs_from` scores continuations on them).
     """
 
     pathways: torch.Tensor
     confidence: torch.Tensor
     embedding: torch.Tensor | None = None
     recorded_bytes: int = 0
+    prefix: PromptKV | None = None
 
 
-def prompt_forward(rm: RoutedModel, batch: ContinuationBatch, hidden: bool = False) -> PromptState:
+def prompt_forward(
+    rm: RoutedModel, batch: ContinuationBatch, hidden: bool = False, prefix_columns: int | None = None
+) -> PromptState:
     """One forward of left-padded prompts ``batch`` (every last prompt token in the last column): pathways,
-    confidence and, with ``hidden``, the hidden-state embedding (equal to :class:`HiddenStateEmbedder`'s).
+    confidence and, with ``hidden``, the hidden-state embedding (equal to :class:`HiddenStateEmbedder`'s); with
+    ``prefix_columns``, the KV cache of that many first columns too.
 
     Keeps only what C3PO reads: the router logits of the last column (:class:`ColumnScores`), the next-token
     logits of that column, and the mean of the final hidden states (taken from the decoder's output as it passes,
     instead of asking the model for every layer's hidden states).
     """
     batch = batch.to(rm.model.device)
-    position_ids = (batch.attention_mask.cumsum(-1) - 1).clamp(min=0)
     recorder = ColumnScores(-1)
     means: list[torch.Tensor] = []
 
@@ -280,13 +285,17 @@ def prompt_forward(rm: RoutedModel, batch: ContinuationBatch, hidden: bool = Fal
     handle = rm.model.base_model.register_forward_hook(mean_hidden) if hidden else None
     try:
         with torch.no_grad(), rm._recording(recorder):
-            out = rm.model(
-                input_ids=batch.input_ids,
-                attention_mask=batch.attention_mask,
-                position_ids=position_ids,
-                use_cache=False,
-                logits_to_keep=1,  # left padding: the last column is every prompt's last token
-            )
+            if prefix_columns is None:
+                out = rm.model(
+                    input_ids=batch.input_ids,
+                    attention_mask=batch.attention_mask,
+                    position_ids=(batch.attention_mask.cumsum(-1) - 1).clamp(min=0),
+                    use_cache=False,
+                    logits_to_keep=1,  # left padding: the last column is every prompt's last token
+                )
+                prefix = None
+            else:
+                out, prefix = prompt_forward_kv(rm.model, batch.input_ids, batch.attention_mask, prefix_columns)
     finally:
         if handle is not None:
             handle.remove()
@@ -296,4 +305,4 @@ def prompt_forward(rm: RoutedModel, batch: ContinuationBatch, hidden: bool = Fal
     confidence = torch.softmax(out.logits[:, -1].float(), dim=-1).max(dim=-1).values.cpu()
     embedding = means[0] if hidden else None
     recorded = recorder.nbytes + (0 if embedding is None else embedding.numel() * embedding.element_size())
-    return PromptState(pathways, confidence, embedding, recorded)
+    return PromptState(pathways, confidence, embedding, recorded, prefix)

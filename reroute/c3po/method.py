@@ -41,7 +41,16 @@ from reroute.c3po.surrogates import (
 from reroute.data import Item
 from reroute.methods import RoutingMethod, register_method, repeat_rows
 from reroute.prefix import PrefixStore
-from reroute.scoring import ContinuationBatch, choice_batch, continuation_logprobs, gold_batch, prompt_batch
+from reroute.scoring import (
+    ContinuationBatch,
+    PromptKV,
+    choice_batch,
+    continuation_logprobs,
+    continuation_logprobs_from,
+    gold_batch,
+    prompt_batch,
+    shares_prompts,
+)
 
 
 @dataclass
@@ -135,6 +144,18 @@ class C3PO(RoutingMethod):
         ``input_ids``/``attention_mask`` (left-padded ``[B, P]``, optional): the prompts' tokens, used as given for
         the model's forwards instead of tokenizing the prompts (the prompt texts then serve retrieval only).
         """
+        return self._adapt(items, input_ids, attention_mask)[0]
+
+    def _adapt(
+        self,
+        items: Sequence[Item] | Sequence[str],
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        prefix_columns: int | None = None,
+    ) -> tuple[Adaptation, tuple[ContinuationBatch, PromptKV] | None]:
+        """:meth:`adapt`; with ``prefix_columns``, also the prompt batch and the KV of its first ``prefix_columns``
+        columns from the prompt forward (the routing there is the base model's, which the adaptation leaves as it
+        is when it re-mixes from column ``prefix_columns`` on), for scoring to reuse."""
         items = [{"prompt": x} if isinstance(x, str) else x for x in items]
         start = time.perf_counter()
         cfg = self.config
@@ -151,7 +172,7 @@ class C3PO(RoutingMethod):
             retrieves and self.embedder.name == HiddenStateEmbedder.name and self.index.query_field == "prompt"
         )
         with self.rm.exclusive("C3PO.adapt"):  # the optimised re-mixing stays on the model between steps
-            state = prompt_forward(self.rm, prompts, hidden=shared_query)
+            state = prompt_forward(self.rm, prompts, hidden=shared_query, prefix_columns=prefix_columns)
             own_scores, confidence = state.pathways, state.confidence  # [B, L_all, E], [B]
             own = own_pathway(
                 {layer: own_scores[:, p] for layer, p in zip(self.layers, self.layer_pos)}, self.layers, self.n_core
@@ -199,7 +220,7 @@ class C3PO(RoutingMethod):
         stats["seconds"] = time.perf_counter() - start
         stats["abstained"] = float(abstained.float().mean())
         stats.update(result.extra)
-        return Adaptation(
+        adaptation = Adaptation(
             result.pathway,
             abstained,
             neighbours,
@@ -211,6 +232,7 @@ class C3PO(RoutingMethod):
             result.holdout_gain,
             typicality,
         )
+        return adaptation, None if state.prefix is None else (prompts, state.prefix)
 
     def _skips(self, confidence: torch.Tensor, typicality: torch.Tensor | None) -> torch.Tensor:
         """Bool ``[B]``: items whose confidence or typicality gate fires before any surrogate work (they keep the base
@@ -377,17 +399,33 @@ class C3PO(RoutingMethod):
 
     def score_choices(self, items: Sequence[Item], adaptation: Adaptation | None = None) -> list[int]:
         """Multiple-choice predictions with each item's adapted routing at its last prompt token(s)."""
+        return self._choice_scores(items, adaptation).argmax(-1).tolist()
+
+    def _choice_scores(self, items: Sequence[Item], adaptation: Adaptation | None = None) -> torch.Tensor:
+        """Summed log-likelihood of each choice ``[B, n_choices]`` under each item's adapted routing.
+
+        Without ``adaptation``, the scoring reuses the prompt forward's KV cache of the columns before the first
+        re-mixed one (they route as the base model in both forwards), so each prompt passes through the model once:
+        the scoring forward runs only the re-mixed column(s) and the choices."""
         batch, n_choices = choice_batch(self.tokenizer, items)
         self._check_context(batch.input_ids.shape[1], "a prompt with its longest choice")
-        adaptation = adaptation or self.adapt(items)
+        shared = None
+        if adaptation is None:
+            first_remixed = int(self._last_positions(batch.prompt_len)[0, 0])
+            adaptation, shared = self._adapt(items, prefix_columns=first_remixed if first_remixed > 0 else None)
+        prefix = shared[1] if shared is not None and shares_prompts(batch, shared[0]) else None
         with self.rm.exclusive("C3PO.score_choices"):  # the re-mixing stays on the model for the forward
             self.apply(adaptation, batch.prompt_len, total_len=batch.input_ids.shape[1])
             try:
                 with torch.no_grad(), self.rm.row_expansion(n_choices):  # each item's choices: consecutive rows
-                    scores = continuation_logprobs(self.rm.model, batch.to(self.rm.model.device))
+                    batch = batch.to(self.rm.model.device)
+                    if prefix is None:
+                        scores = continuation_logprobs(self.rm.model, batch)
+                    else:
+                        scores = continuation_logprobs_from(self.rm.model, batch, prefix)
             finally:
                 self.rm.clear_mixing(self.layers)
-        return scores.view(len(items), n_choices).argmax(-1).tolist()
+        return scores.view(len(items), n_choices)
 
     def _check_context(self, length: int, what: str) -> None:
         limit = getattr(self.rm.model.config, "max_position_embeddings", None)

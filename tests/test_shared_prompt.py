@@ -1,0 +1,117 @@
+"""Scoring continuations on the prompt's KV cache (each prompt runs once) equals scoring full rows (fp32 CPU), on
+every family; C3PO's score_choices reuses its prompt forward's cache and gives the scores of the full forward."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_c3po_suffix import _items
+
+import reroute
+from reroute.c3po import C3PO, ReferenceIndex
+from reroute.scoring import (
+    choice_batch,
+    continuation_logprobs,
+    continuation_logprobs_from,
+    continuation_logprobs_shared,
+    prompt_batch,
+    prompt_forward_kv,
+    shares_prompts,
+)
+from reroute.testing import TINY_CONFIGS, tiny_model, tiny_tokenizer
+
+
+@pytest.mark.parametrize("family", sorted(TINY_CONFIGS))
+def test_shared_prompt_scoring_equals_full_rows(family):
+    # prompts of unequal lengths (left padding) longer than gpt_oss' 16-token sliding window
+    batch, n = choice_batch(tiny_tokenizer(), _items(5, 3, length=24, answer=3))
+    model = tiny_model(family)
+    with torch.no_grad():
+        full = continuation_logprobs(model, batch)
+        shared = continuation_logprobs_shared(model, batch, n)
+    torch.testing.assert_close(shared, full, rtol=0, atol=1e-5)
+
+
+def test_shared_prompt_scoring_runs_each_prompt_once():
+    batch, n = choice_batch(tiny_tokenizer(), _items(3, 3, length=12))
+    model = tiny_model("olmoe")
+    shapes = []
+    handle = model.model.embed_tokens.register_forward_hook(lambda m, args, out: shapes.append(tuple(args[0].shape)))
+    with torch.no_grad():
+        continuation_logprobs_shared(model, batch, n)
+    handle.remove()
+    p, t = batch.prompt_len, batch.input_ids.shape[1]
+    assert shapes == [(3, p), (3 * n, t - p + 1)]
+
+
+def test_shared_prompt_scoring_rejects_rows_that_do_not_share_their_prompt():
+    tok = tiny_tokenizer()
+    batch, n = choice_batch(tok, _items(3, 3, length=12))
+    model = tiny_model("olmoe")
+    with pytest.raises(ValueError, match="groups of n=5"):
+        continuation_logprobs_shared(model, batch, 5)
+    with pytest.raises(ValueError, match="must share one prompt"):
+        continuation_logprobs_shared(model, batch, 3)  # groups of 3 of 4 choices per item straddle two items
+    prompts = prompt_batch(tok, [item["prompt"] for item in _items(3, 3, length=12)])
+    assert shares_prompts(batch, prompts)
+    other = prompt_batch(tok, [item["prompt"] for item in _items(3, 4, length=12)])
+    assert not shares_prompts(batch, other)
+    _, prefix = prompt_forward_kv(model, prompts.input_ids, prompts.attention_mask, batch.prompt_len)
+    with pytest.raises(ValueError, match="reused prompt columns"):
+        continuation_logprobs_from(model, batch, prefix)  # the last prompt column must run again
+
+
+@pytest.fixture(scope="module", params=["olmoe", "qwen3_moe", "deepseek_v3", "gpt_oss"])
+def c3po_setup(request):
+    rm = reroute.attach(tiny_model(request.param))
+    tok = tiny_tokenizer()
+    return rm, tok, ReferenceIndex.build(rm, tok, _items(48, 1, length=20), progress=False)
+
+
+@pytest.mark.parametrize("surrogate", ["mode", "kernel", "ngd", "oracle", "official"])
+@pytest.mark.parametrize("last_tokens", [1, 2])
+def test_c3po_scoring_on_the_prompt_cache_equals_the_full_forward(c3po_setup, surrogate, last_tokens):
+    rm, tok, index = c3po_setup
+    test = _items(4, 2, length=20)
+    c3po = C3PO(
+        rm,
+        index,
+        tok,
+        surrogate=surrogate,
+        critical_layers=2,  # re-mixing at column P - 2 of the last layer alone would change no score
+        core_experts=6,
+        lr=0.3,
+        last_tokens=last_tokens,
+        min_gain=None,
+        max_confidence=None,
+        max_typicality=None,
+    )
+    adaptation = c3po.adapt(test)
+    assert not bool(adaptation.abstained.any())
+    full = c3po._choice_scores(test, adaptation)  # given an adaptation: one full row per choice
+    shared = c3po._choice_scores(test)  # adapts, then scores on the prompt forward's cache
+    torch.testing.assert_close(shared, full, rtol=0, atol=1e-5)
+    assert c3po.score_choices(test) == full.argmax(-1).tolist()
+    # not vacuous: the re-mixing at the last prompt token(s), which the cache must leave out, moves the scores
+    batch, n = choice_batch(tok, test)
+    with torch.no_grad():
+        base = continuation_logprobs(rm.model, batch).view(len(test), n)
+    if surrogate != "oracle":  # the oracle may keep the base routing where no step improved the gold answer
+        assert float((full - base).abs().max()) > 1e-4
+
+
+def test_c3po_scoring_runs_each_prompt_once(c3po_setup):
+    rm, tok, index = c3po_setup
+    test = _items(4, 2, length=20)
+    c3po = C3PO(rm, index, tok, surrogate="mode", critical_layers=1, max_confidence=None, max_typicality=None)
+    lengths = []
+    handle = rm.model.register_forward_pre_hook(
+        lambda m, args, kwargs: lengths.append(tuple(kwargs["input_ids"].shape)), with_kwargs=True
+    )
+    try:
+        c3po.score_choices(test)
+    finally:
+        handle.remove()
+    batch, n = choice_batch(tok, test)
+    p, t = batch.prompt_len, batch.input_ids.shape[1]
+    assert lengths == [(4, p), (4 * n, t - p + 1)]
