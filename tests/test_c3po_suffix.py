@@ -10,6 +10,7 @@ import reroute
 from reroute.c3po import C3PO, C3POConfig, HiddenStateEmbedder, ReferenceIndex
 from reroute.c3po.embed import prompt_forward
 from reroute.c3po.pathway import Pathway, own_pathway
+from reroute.c3po.surrogates import core_average, kernel_regression, kernel_weights
 from reroute.prefix import PrefixStore, RowPrefix, SuffixScorer
 from reroute.scoring import continuation_logprobs, gold_batch, prompt_batch
 from reroute.testing import tiny_model, tiny_tokenizer
@@ -351,3 +352,43 @@ def test_a_step_that_does_not_compile_as_one_graph_says_so(family_setup, compile
     finally:
         handle.remove()
     assert all(rm.layer(layer).mixing is None for layer in rm.moe_layers)
+
+
+def test_kernel_regression_scores_every_candidate_in_one_forward(family_setup):
+    """All blends of all items run as one batch; the loss table equals one plain forward per candidate."""
+    rm, tok, index = family_setup
+    test = _items(3, 2)
+    c3po = C3PO(rm, index, tok, surrogate="kernel", critical_layers=2, core_experts=6)
+    state = prompt_forward(rm, prompt_batch(tok, [item["prompt"] for item in test]))
+    own = own_pathway({i: state.pathways[:, p] for i, p in zip(c3po.layers, c3po.layer_pos)}, c3po.layers, 6)
+    found = c3po._neighbours(test)
+    weights = kernel_weights(found.similarity)
+    batch, positions = c3po._neighbour_batch(found.ids)
+    target = core_average(index.pathways[found.ids], c3po.layer_pos, own.experts, c3po.layers, weights)
+    alphas = (0.0, 0.5, 1.0)
+    calls = []
+    handle = rm.model.register_forward_pre_hook(lambda *args: calls.append(1))
+    try:
+        result = kernel_regression(rm, own, target, batch, weights, positions, alphas, recompute="full")
+    finally:
+        handle.remove()
+    assert len(calls) == 1
+    reference = []
+    for alpha in alphas:
+        for layer in own.layers:
+            mix = alpha * own.omega(layer) + (1 - alpha) * target[layer]
+            rm.set_mixing(layer, own.experts[layer], positions, logits=mix.clamp(min=1e-30).log())
+        try:
+            with torch.no_grad(), rm.row_expansion(weights.shape[-1]):
+                nll = -continuation_logprobs(rm.model, batch).view(len(test), -1)
+        finally:
+            rm.clear_mixing(own.layers)
+        reference.append((nll * weights).sum(-1))
+    table = torch.stack(reference, dim=1)  # [B, A]
+    torch.testing.assert_close(result.loss_before, table[:, -1], rtol=0, atol=1e-5)
+    torch.testing.assert_close(result.loss_after, table.min(dim=1).values, rtol=0, atol=1e-5)
+    best = table.argmin(dim=1)
+    for layer in own.layers:
+        for row, a in enumerate(best.tolist()):
+            mix = alphas[a] * own.omega(layer)[row] + (1 - alphas[a]) * target[layer][row]
+            torch.testing.assert_close(result.pathway.logits[layer][row], mix.clamp(min=1e-30).log())

@@ -259,35 +259,49 @@ def kernel_regression(
     """Blend ``alpha * own + (1 - alpha) * kernel average`` (probabilities over the core) with ``alpha`` chosen per
     item among ``alphas`` to minimise the neighbours' loss. ``alpha = 1`` is the base routing. The per-neighbour
     losses also give each item's leave-one-out :func:`holdout_gain` (no extra forward). ``store``: see
-    :func:`neighbour_scorer`."""
+    :func:`neighbour_scorer`.
+
+    Every candidate of every item is scored in one forward: the neighbours' rows run once per candidate, side by
+    side (``B * len(alphas) * k`` rows), instead of one forward per candidate (the same work on the device, a
+    ``len(alphas)``-th of the kernel launches)."""
     alphas = sorted(set(float(a) for a in alphas) | {1.0})
-    losses, candidates = [], []
+    rows, k = weights.shape
+    count = len(alphas)
     own = own.to_layers(rm)
     positions = positions.to(rm.layer(own.layers[0]).device)
-    expansion = rm.row_expansion(weights.shape[-1])  # each item's k neighbours: consecutive rows
-    scorer = neighbour_scorer(rm, neighbours, own.layers, positions, recompute, store)
+    logits = {}
+    for layer in own.layers:
+        omega = own.omega(layer)  # [B, C]
+        alpha = torch.tensor(alphas, device=omega.device)[None, :, None]  # [1, A, 1]
+        mix = alpha * omega[:, None] + (1 - alpha) * target[layer].to(omega.device)[:, None]  # [B, A, C]
+        logits[layer] = mix.clamp(min=1e-30).log().flatten(0, 1)  # row b * A + a
+    experts = {layer: own.experts[layer].repeat_interleave(count, 0) for layer in own.layers}
+    candidates = Pathway(list(own.layers), experts, logits)
+    # item b's k neighbour rows, once per candidate: row (b * A + a) * k + j
+    index = torch.arange(rows * k).view(rows, 1, k).expand(rows, count, k).flatten().to(neighbours.input_ids.device)
+    repeated = ContinuationBatch(
+        neighbours.input_ids[index],
+        neighbours.attention_mask[index],
+        neighbours.target_mask[index],
+        neighbours.prompt_len,
+    )
+    expansion = rm.row_expansion(k)  # each candidate's k neighbours: consecutive rows
+    scorer = neighbour_scorer(rm, repeated, own.layers, positions, recompute, store)
     with torch.no_grad(), expansion, scorer as score:
-        for alpha in alphas:
-            logits = {}
-            for layer in own.layers:
-                mix = alpha * own.omega(layer) + (1 - alpha) * target[layer].to(own.logits[layer].device)
-                logits[layer] = mix.clamp(min=1e-30).log()
-            candidate = Pathway(list(own.layers), own.experts, logits)
-            losses.append(neighbour_nll(rm, candidate, neighbours, weights.shape[-1], positions, score).float())
-            candidates.append(candidate)
-    per_neighbour = torch.stack(losses, dim=1).cpu()  # [B, A, k]; one read-back after all candidates
+        nll = neighbour_nll(rm, candidates, repeated, k, positions, score).float()
+    per_neighbour = nll.view(rows, count, k).cpu()  # [B, A, k]; one read-back for every candidate
     table = (per_neighbour * weights.cpu()[:, None, :].float()).sum(-1)  # [B, A]
     best = table.argmin(dim=1)
     chosen = {
-        layer: torch.stack([candidates[int(a)].logits[layer][b] for b, a in enumerate(best)]).cpu()
+        layer: logits[layer].view(rows, count, -1)[torch.arange(rows), best.to(logits[layer].device)].cpu()
         for layer in own.layers
     }
     base_loss = table[:, alphas.index(1.0)]
     return SurrogateResult(
-        Pathway(list(own.layers), {k: v.cpu() for k, v in own.experts.items()}, chosen),
+        Pathway(list(own.layers), {layer: v.cpu() for layer, v in own.experts.items()}, chosen),
         base_loss,
         table.gather(1, best[:, None])[:, 0],
-        forward_passes=len(alphas),
+        forward_passes=count,
         extra={"alpha": float(torch.tensor([alphas[int(a)] for a in best]).mean())},
         holdout_gain=holdout_gain(per_neighbour, weights.cpu().float(), alphas.index(1.0)),
     )
