@@ -115,3 +115,48 @@ def test_c3po_scoring_runs_each_prompt_once(c3po_setup):
     batch, n = choice_batch(tok, test)
     p, t = batch.prompt_len, batch.input_ids.shape[1]
     assert lengths == [(4, p), (4 * n, t - p + 1)]
+
+
+@pytest.mark.parametrize("surrogate", ["mode", "ngd", "official"])
+def test_c3po_generate_starts_from_the_prompt_cache(c3po_setup, surrogate):
+    rm, tok, index = c3po_setup
+    prompts = [item["prompt"] for item in _items(3, 5, length=20)]
+    c3po = C3PO(
+        rm,
+        index,
+        tok,
+        surrogate=surrogate,
+        critical_layers=2,
+        core_experts=6,
+        lr=0.3,
+        min_gain=None,
+        max_confidence=None,
+        max_typicality=None,
+    )
+    call = dict(max_new_tokens=5, do_sample=False, pad_token_id=0, return_dict_in_generate=True, output_scores=True)
+    adaptation = c3po.adapt(prompts)
+    full = c3po.generate(prompts, adaptation=adaptation, **call)  # given an adaptation: a full prefill
+    lengths = []
+    handle = rm.model.register_forward_pre_hook(
+        lambda m, args, kwargs: lengths.append(kwargs["input_ids"].shape[1]), with_kwargs=True
+    )
+    try:
+        shared = c3po.generate(prompts, **call)
+    finally:
+        handle.remove()
+    prompt_len = full.sequences.shape[1] - 5
+    assert lengths[0] == prompt_len  # the prompt forward (then, for NGD, the neighbours' forwards)
+    assert lengths[-5:] == [1] * 5  # generate(): a prefill of the re-mixed column only, then 4 steps
+    assert torch.equal(shared.sequences, full.sequences)
+    torch.testing.assert_close(torch.stack(shared.scores), torch.stack(full.scores), rtol=0, atol=1e-4)
+    # beams, several sequences per prompt or a static cache: a full prefill, as before
+    for extra in (dict(num_return_sequences=2, do_sample=True), dict(cache_implementation="static")):
+        lengths.clear()
+        handle = rm.model.register_forward_pre_hook(
+            lambda m, args, kwargs: lengths.append(kwargs["input_ids"].shape[1]), with_kwargs=True
+        )
+        try:
+            c3po.generate(prompts, **{**call, **extra})
+        finally:
+            handle.remove()
+        assert lengths[-5] == prompt_len

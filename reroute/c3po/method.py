@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import DynamicCache
 
 from reroute.attach import RoutedModel
 from reroute.c3po.config import KERNELS, SURROGATES, C3POConfig  # noqa: F401  (KERNELS, SURROGATES: re-exported)
@@ -38,6 +39,7 @@ from reroute.c3po.surrogates import (
     neighbourhood_gd,
     official_pathway,
 )
+from reroute.compat import CACHE_KWARG, find_cache
 from reroute.data import Item
 from reroute.methods import RoutingMethod, register_method, repeat_rows
 from reroute.prefix import PrefixStore
@@ -448,6 +450,10 @@ class C3PO(RoutingMethod):
         Give ``prompts`` (left-padded here) or left-padded ``input_ids``/``attention_mask``, which the model runs as
         given (never decoded and re-encoded; a text embedder retrieves neighbours by their decoded text). Rows
         created by ``num_return_sequences`` share their prompt's adaptation (computed once per prompt).
+
+        Without ``adaptation``, and where ``generate()`` would start from an empty dynamic cache (no cache, static
+        cache or beams asked for, one sequence per prompt), it starts from the KV cache the adaptation's prompt
+        forward kept of the columns before the first re-mixed one, so its prefill runs only the re-mixed column(s).
         """
         if prompts is None:
             if input_ids is None:
@@ -463,13 +469,20 @@ class C3PO(RoutingMethod):
                 self.tokenizer.decode(row[mask.bool()], skip_special_tokens=True)
                 for row, mask in zip(input_ids, attention_mask)
             ]
-            adaptation = adaptation or self.adapt(texts, input_ids=input_ids, attention_mask=attention_mask)
         else:
             batch = prompt_batch(self.tokenizer, prompts)
             input_ids, attention_mask = batch.input_ids, batch.attention_mask
-            adaptation = adaptation or self.adapt(list(prompts))
-        device = self.rm.model.device
+            texts = list(prompts)
         prompt_len = input_ids.shape[1]
+        shared = None
+        if adaptation is None:
+            first_remixed = int(self._last_positions(prompt_len)[0, 0])
+            reuse = first_remixed > 0 and self._starts_from_an_empty_dynamic_cache(generate_kwargs)
+            tokens = {} if prompts is not None else {"input_ids": input_ids, "attention_mask": attention_mask}
+            adaptation, shared = self._adapt(texts, **tokens, prefix_columns=first_remixed if reuse else None)
+        device = self.rm.model.device
+        if shared is not None:  # the prompt forward ran these very tokens
+            generate_kwargs = {**generate_kwargs, CACHE_KWARG: DynamicCache(shared[1])}
         with self.rm.exclusive("C3PO.generate"):  # the re-mixing stays on the model across generate()'s forwards
             self.apply(adaptation, prompt_len, total_len=prompt_len + self._new_tokens(prompt_len, generate_kwargs))
             try:
@@ -479,6 +492,28 @@ class C3PO(RoutingMethod):
                     )
             finally:
                 self.rm.clear_mixing(self.layers)
+
+    def _starts_from_an_empty_dynamic_cache(self, generate_kwargs: dict[str, Any]) -> bool:
+        """Whether ``generate(**generate_kwargs)`` would decode one sequence per prompt from an empty dynamic KV
+        cache, so that a cache holding the prompt's first columns can stand in for it (not with a cache, a cache
+        implementation, beams, several sequences per prompt, assisted or custom decoding)."""
+        if find_cache(generate_kwargs) is not None:
+            return False
+        if any(generate_kwargs.get(name) is not None for name in ("assistant_model", "custom_generate")):
+            return False
+        config = generate_kwargs.get("generation_config") or self.rm.model.generation_config
+
+        def setting(name: str, default: Any) -> Any:
+            value = generate_kwargs.get(name, getattr(config, name, default))
+            return default if value is None else value
+
+        return (
+            setting("use_cache", True) is True
+            and setting("cache_implementation", "dynamic") == "dynamic"
+            and setting("num_beams", 1) == 1
+            and setting("num_return_sequences", 1) == 1
+            and setting("prompt_lookup_num_tokens", 0) == 0
+        )
 
     def _new_tokens(self, prompt_len: int, generate_kwargs: dict[str, Any]) -> int:
         """The most tokens ``generate`` will add (``max_new_tokens``, else ``max_length`` minus the prompt)."""
