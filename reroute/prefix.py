@@ -348,7 +348,10 @@ class SuffixScorer:
                     store.put(key, entry)
         self.rows_run = len(missing)
         entries = [found[key] for key in keys]
-        self.prefix_kv = self._assemble_kv(entries)
+        distinct = list(dict.fromkeys(keys))  # a row repeated in the batch (shared neighbours, candidates) once
+        slot = {key: i for i, key in enumerate(distinct)}
+        rows = torch.tensor([slot[key] for key in keys], device=entries[0].keys[0].device)
+        self.prefix_kv = self._assemble_kv([found[key] for key in distinct], rows)
         if self.first_layer > 0:
             hidden = self._assemble_hidden(entries, prompt_tokens)
             self.saved = _pass_through(self.layers, self.first_layer, hidden, entries[0].as_tuple)
@@ -393,19 +396,21 @@ class SuffixScorer:
             )
         return out
 
-    def _assemble_kv(self, entries: list[RowPrefix]) -> list[tuple[torch.Tensor, ...]]:
+    def _assemble_kv(self, entries: list[RowPrefix], rows: torch.Tensor) -> list[tuple[torch.Tensor, ...]]:
         """The batch's prefix cache: per layer ``[B, heads, start, head_dim]`` on that layer's device (zeros where a
-        row is padding, which attention masks out). Layers below the first adapted one never run in a step
-        (pass-throughs): a one-channel stand-in gives the cache its length there."""
-        start, rows = self.start, len(entries)
-        stand_in = entries[0].keys[0].new_zeros(rows, 1, start, 1)
+        row is padding, which attention masks out), batch row ``i`` holding ``entries[rows[i]]`` (each distinct
+        entry is padded once). Layers below the first adapted one never run in a step (pass-throughs): a
+        one-channel stand-in gives the cache its length there."""
+        start = self.start
+        stand_in = entries[0].keys[0].new_zeros(len(rows), 1, start, 1)
         kv: list[tuple[torch.Tensor, ...]] = [(stand_in, stand_in)] * self.first_layer
         for layer in range(len(entries[0].keys)):
             keys, values = (
                 torch.stack([_left_pad(getattr(entry, name)[layer], start) for entry in entries])
                 for name in ("keys", "values")
             )
-            kv.append((keys, values))
+            index = rows.to(keys.device)
+            kv.append((keys.index_select(0, index), values.index_select(0, index)))
         return kv
 
     def _assemble_hidden(self, entries: list[RowPrefix], prompt_tokens: list[int]) -> torch.Tensor:
