@@ -107,11 +107,12 @@ def profile_runs(runs: dict, device: str, path: str, title: str) -> dict[tuple[s
                 wall = time.perf_counter() - start
             events = prof.key_averages()
             kernel_us = sum(e.self_device_time_total for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
-            # a scalar read (.item(), bool(tensor), ...) waits for the device; the stream syncs count the rest
+            # the host waits for the device: a read of a device tensor (.item(), bool(), .cpu(), ...) synchronises
+            # the stream; a scalar read of a host tensor does not, so aten::_local_scalar_dense is not counted
             syncs = sum(
                 e.count
                 for e in events
-                if e.key in ("cudaStreamSynchronize", "cudaDeviceSynchronize", "aten::_local_scalar_dense")
+                if e.key in ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
             )
             out[key] = {"wall_s": wall, "device_kernel_s": kernel_us / 1e6, "host_syncs": float(syncs)}
             sort = "self_device_time_total" if cuda else "self_cpu_time_total"
