@@ -30,7 +30,7 @@ from torch import nn
 from transformers import DynamicCache
 
 from reroute.attach import RoutedModel
-from reroute.compat import CACHE_KWARG
+from reroute.compat import CACHE_KWARG, cache_holding
 from reroute.scoring import ContinuationBatch
 
 STEP_COMPILE: dict[str, dict[str, Any]] = {"cuda": {"mode": "reduce-overhead"}, "default": {}}
@@ -443,7 +443,7 @@ class SuffixScorer:
         return out.clone()
 
     def _logprobs(self) -> torch.Tensor:
-        cache = DynamicCache(self.prefix_kv)  # a fresh cache per step: the prefix stays a constant of the graph
+        cache = cache_holding(self.prefix_kv)  # a fresh cache per step: the prefix stays a constant of the graph
         logits = self._run(slice(self.start, None), cache)
         targets = self.batch.input_ids[:, self.start + 1 :]
         logprobs = torch.log_softmax(logits[:, :-1].float(), dim=-1).gather(-1, targets[..., None])[..., 0]

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
-from reroute.compat import CACHE_KWARG
+from reroute.compat import CACHE_KWARG, cache_holding
 from reroute.data import Item, gold_text
 
 if TYPE_CHECKING:
@@ -153,7 +153,7 @@ def continuation_logprobs_from(model: nn.Module, batch: ContinuationBatch, prefi
     repeats, left = divmod(batch.input_ids.shape[0], prefix[0][0].shape[0])
     if left:
         raise ValueError(f"{batch.input_ids.shape[0]} rows do not split into {prefix[0][0].shape[0]} prompts")
-    cache = DynamicCache(
+    cache = cache_holding(
         [(keys.repeat_interleave(repeats, 0), values.repeat_interleave(repeats, 0)) for keys, values in prefix]
     )
     position_ids = (batch.attention_mask.cumsum(-1) - 1).clamp(min=0)

@@ -9,6 +9,7 @@ from test_c3po_suffix import _items
 
 import reroute
 from reroute.c3po import C3PO, ReferenceIndex
+from reroute.compat import cache_holding
 from reroute.scoring import (
     choice_batch,
     continuation_logprobs,
@@ -160,3 +161,15 @@ def test_c3po_generate_starts_from_the_prompt_cache(c3po_setup, surrogate):
         finally:
             handle.remove()
         assert lengths[-5] == prompt_len
+
+
+def test_cache_holding_keeps_the_given_tensors_without_a_copy():
+    kv = [(torch.randn(2, 2, 5, 4), torch.randn(2, 2, 5, 4)) for _ in range(3)]
+    cache = cache_holding(kv)
+    assert cache.get_seq_length() == 5
+    for layer, (keys, values) in zip(cache.layers, kv):
+        assert layer.keys.data_ptr() == keys.data_ptr() and layer.values.data_ptr() == values.data_ptr()
+    before = [keys.clone() for keys, _ in kv]
+    new_keys, _ = cache.update(torch.ones(2, 2, 1, 4), torch.ones(2, 2, 1, 4), 0)
+    assert new_keys.shape[-2] == 6 and torch.equal(new_keys[..., :5, :], before[0])
+    assert all(torch.equal(keys, old) for (keys, _), old in zip(kv, before))  # the given tensors are never written

@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import DynamicCache
 
 from reroute.attach import RoutedModel
 from reroute.c3po.config import KERNELS, SURROGATES, C3POConfig  # noqa: F401  (KERNELS, SURROGATES: re-exported)
@@ -39,7 +38,7 @@ from reroute.c3po.surrogates import (
     neighbourhood_gd,
     official_pathway,
 )
-from reroute.compat import CACHE_KWARG, find_cache
+from reroute.compat import CACHE_KWARG, cache_holding, find_cache
 from reroute.data import Item
 from reroute.methods import RoutingMethod, register_method, repeat_rows
 from reroute.prefix import PrefixStore
@@ -482,7 +481,7 @@ class C3PO(RoutingMethod):
             adaptation, shared = self._adapt(texts, **tokens, prefix_columns=first_remixed if reuse else None)
         device = self.rm.model.device
         if shared is not None:  # the prompt forward ran these very tokens
-            generate_kwargs = {**generate_kwargs, CACHE_KWARG: DynamicCache(shared[1])}
+            generate_kwargs = {**generate_kwargs, CACHE_KWARG: cache_holding(shared[1])}
         with self.rm.exclusive("C3PO.generate"):  # the re-mixing stays on the model across generate()'s forwards
             self.apply(adaptation, prompt_len, total_len=prompt_len + self._new_tokens(prompt_len, generate_kwargs))
             try:
