@@ -204,8 +204,9 @@ def main() -> None:
     errors: dict[str, str] = {}  # a run that fails in the warm-up round: reported, the others still timed
     with torch.no_grad():
         seconds = median_seconds(runs, args.device, args.repeats, errors)
-        # operators dispatched by one more call of each (warm: prefix caches filled as in the timed rounds)
-        ops = {key: dispatched_ops(fn) for key, fn in runs.items()}
+        # operators dispatched by one more call of each (warm: prefix caches filled as in the timed rounds); not for
+        # compiled steps, which replay a graph (and which a Python dispatch mode would keep from compiling)
+        ops = {key: dispatched_ops(fn) for key, fn in runs.items() if not key[1].startswith("suffix-compiled")}
         if args.profile:
             busy = profile_runs(runs, args.device, args.profile, f"{args.shape} batch {args.batch}")
     # one plain forward of the items: the choice batch holds one full row per choice, so 1 / n_choices of its cost
@@ -233,7 +234,8 @@ def main() -> None:
             row["cost_vs_plain_forward"][variant] = (seconds[key] - seconds["plain", ""]) / base
             above_rows = seconds[key] - seconds["plain", "per-choice rows"]
             row["cost_above_per_choice_scoring"][variant] = above_rows / base
-            row["dispatched_ops_per_batch"][variant] = ops[key]
+            if key in ops:
+                row["dispatched_ops_per_batch"][variant] = ops[key]
         rows.append(row)
     store = next((c3po.prefix_store for key, c3po in c3pos.items() if key[1].endswith("+cache")), None)
     per_neighbour = store.nbytes / len(store) if store is not None and len(store) else None
