@@ -141,6 +141,28 @@ def shares_prompts(batch: ContinuationBatch, prompts: ContinuationBatch) -> bool
     )
 
 
+class _SharedPrefix(DynamicCache):
+    """The KV cache of a forward that scores ``repeats`` rows per cached prompt row: each layer returns the prompt's
+    keys and values, repeated per row, followed by the forward's own, and keeps neither (the forward is the last one
+    on this cache). So the forward holds the repeated prompt KV of one layer at a time, not of every layer at once,
+    as a cache that stores what it returns would: ``rows x layers x prompt`` is what a long few-shot prompt and many
+    choices would otherwise need on top of the model."""
+
+    def __init__(self, prefix: PromptKV, repeats: int) -> None:
+        held = cache_holding(prefix)
+        super().__init__()
+        self.layers = held.layers
+        self.repeats = repeats
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        layer = self.layers[layer_idx]
+        keys = layer.keys.repeat_interleave(self.repeats, 0)
+        values = layer.values.repeat_interleave(self.repeats, 0)
+        return torch.cat([keys, key_states], dim=-2), torch.cat([values, value_states], dim=-2)
+
+
 def continuation_logprobs_from(model: nn.Module, batch: ContinuationBatch, prefix: PromptKV) -> torch.Tensor:
     """What :func:`continuation_logprobs` gives (``[B]``, up to float rounding), running only the columns after
     ``prefix``: ``prefix`` holds the KV of the first columns of each prompt (``[B / n, ...]``: the ``n`` rows of a
@@ -153,9 +175,7 @@ def continuation_logprobs_from(model: nn.Module, batch: ContinuationBatch, prefi
     repeats, left = divmod(batch.input_ids.shape[0], prefix[0][0].shape[0])
     if left:
         raise ValueError(f"{batch.input_ids.shape[0]} rows do not split into {prefix[0][0].shape[0]} prompts")
-    cache = cache_holding(
-        [(keys.repeat_interleave(repeats, 0), values.repeat_interleave(repeats, 0)) for keys, values in prefix]
-    )
+    cache = _SharedPrefix(prefix, repeats)
     position_ids = (batch.attention_mask.cumsum(-1) - 1).clamp(min=0)
     logits = model(
         input_ids=batch.input_ids[:, columns:],

@@ -173,3 +173,16 @@ def test_cache_holding_keeps_the_given_tensors_without_a_copy():
     new_keys, _ = cache.update(torch.ones(2, 2, 1, 4), torch.ones(2, 2, 1, 4), 0)
     assert new_keys.shape[-2] == 6 and torch.equal(new_keys[..., :5, :], before[0])
     assert all(torch.equal(keys, old) for (keys, _), old in zip(kv, before))  # the given tensors are never written
+
+
+def test_shared_prefix_cache_returns_the_repeated_prompt_and_keeps_only_the_prompt():
+    from reroute.scoring import _SharedPrefix
+
+    kv = [(torch.randn(2, 2, 5, 4), torch.randn(2, 2, 5, 4)) for _ in range(2)]
+    cache = _SharedPrefix(kv, repeats=3)
+    new = torch.randn(6, 2, 4, 4)
+    keys, values = cache.update(new, new + 1, 1)
+    assert keys.shape == (6, 2, 9, 4)
+    torch.testing.assert_close(keys[:, :, :5], kv[1][0].repeat_interleave(3, 0))
+    torch.testing.assert_close(values[:, :, 5:], new + 1)
+    assert cache.get_seq_length() == 5 and cache.layers[1].keys is kv[1][0]  # nothing stored: the prompt only
