@@ -6,7 +6,7 @@
 #   bash benchmarks/device_runs.sh decode-b1      # issue 12: OLMoE-1B-7B shape, batch 1, every variant
 #   bash benchmarks/device_runs.sh decode-b16     # issue 12: batch 16
 #   bash benchmarks/device_runs.sh decode-qwen3   # issue 12: Qwen3-30B-A3B shape, 12 of its 48 layers
-#   bash benchmarks/device_runs.sh gpu-tests      # issue 12: tests/gpu/ (compile + kernels, every rule family)
+#   bash benchmarks/device_runs.sh gpu-tests      # issues 12, 15: tests/gpu/ (compile + kernels, every rule family)
 #   bash benchmarks/device_runs.sh c3po           # issue 15: C3PO cost per surrogate, suffix vs layers recompute
 #   bash benchmarks/device_runs.sh arc            # issue 16: full-scale ARC-Challenge (carry .carry/full_scale_arc
 #                                                 # and .whl with a faiss-cpu wheel: see full_scale_arc.py --help)
