@@ -204,6 +204,16 @@ def main() -> None:
     errors: dict[str, str] = {}  # a run that fails in the warm-up round: reported, the others still timed
     with torch.no_grad():
         seconds = median_seconds(runs, args.device, args.repeats, errors)
+        if args.json:  # the timings first, so that a run cut short in the op count or the profile keeps them
+            partial_record = {
+                "benchmark": "c3po_cost",
+                "partial": "timings only: the run ended before its op count and table",
+                "device": device_name(args.device),
+                "seconds_per_batch": {"/".join(n for n in key if n): value for key, value in seconds.items()},
+                "errors": errors,
+            }
+            with open(args.json, "w") as handle:
+                json.dump(partial_record, handle, indent=2)
         # operators dispatched by one more call of each (warm: prefix caches filled as in the timed rounds); not for
         # compiled steps, which replay a graph (and which a Python dispatch mode would keep from compiling)
         ops = {key: dispatched_ops(fn) for key, fn in runs.items() if not key[1].startswith("suffix-compiled")}
