@@ -243,6 +243,10 @@ def main() -> None:
             "reroute_compiled_top4": with_state(lambda rm: rm.set_policy(reroute.RoutingPolicy(top_k=4)), **static),
             "reroute_compiled_mask": with_state(lambda rm: rm.set_mask(reroute.ExpertMask(banned=(0, 1))), **static),
             "rerouter_compiled": method(lambda rm: reroute.Rerouter(rm, interval=128, steps=5, lr=0.05), **static),
+            # the adaptation steps compiled too (each a CUDA graph), not only the decode step
+            "rerouter_compiled_steps": method(
+                lambda rm: reroute.Rerouter(rm, interval=128, steps=5, lr=0.05, compile_steps=True), **static
+            ),
             "scmoe_compiled": method(lambda rm: reroute.SCMoE(rm, beta=0.5, alpha=0.1, weak="rank2"), **static),
             "rerouter_eager": method(lambda rm: reroute.Rerouter(rm, interval=128, steps=5, lr=0.05)),
             "scmoe_eager": method(lambda rm: reroute.SCMoE(rm, beta=0.5, alpha=0.1, weak="rank2")),

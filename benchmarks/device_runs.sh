@@ -29,7 +29,8 @@ out="${OUT:-benchmarks/results/device}"
 mkdir -p "$out"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >"$out/gpu.txt" 2>&1 || true
 variants="hf_eager_grouped_mm hf_eager_default hf_static_compiled reroute_eager_zero reroute_compiled_zero
-  reroute_compiled_offsets reroute_compiled_top4 reroute_compiled_mask rerouter_compiled scmoe_compiled"
+  reroute_compiled_offsets reroute_compiled_top4 reroute_compiled_mask rerouter_compiled rerouter_compiled_steps
+  scmoe_compiled"
 
 # C3PO (gpu-tests' C3PO case, c3po, arc) needs faiss: carry a faiss-cpu wheel in .whl (see full_scale_arc.py --help)
 if ls .whl/faiss_cpu-*.whl >/dev/null 2>&1; then
@@ -42,7 +43,7 @@ decode-b1)
   # shellcheck disable=SC2086
   timeout "${LIMIT:-560}" python3 benchmarks/bench_decode.py --shape olmoe-1b-7b --batches 1 --variants $variants \
     --json "$out/decode_olmoe-1b-7b_b1.json" --profile "$out/decode_profile_olmoe-1b-7b_b1.txt" \
-    --profile-variants hf_static_compiled reroute_compiled_zero rerouter_compiled scmoe_compiled 2>&1 | tee "$out/decode_b1.log"
+    --profile-variants hf_static_compiled reroute_compiled_zero rerouter_compiled rerouter_compiled_steps scmoe_compiled 2>&1 | tee "$out/decode_b1.log"
   ;;
 decode-b16)
   # shellcheck disable=SC2086
@@ -53,7 +54,7 @@ decode-b16)
 decode-qwen3)
   timeout "${LIMIT:-560}" python3 benchmarks/bench_decode.py --shape qwen3-30b-a3b --layers 12 --batches 1 16 --repeats 2 \
     --state-changes 30 --variants hf_static_compiled reroute_compiled_zero reroute_compiled_offsets \
-    rerouter_compiled scmoe_compiled --json "$out/decode_qwen3-30b-a3b_12layers.json" 2>&1 | tee "$out/decode_qwen3.log"
+    rerouter_compiled rerouter_compiled_steps scmoe_compiled --json "$out/decode_qwen3-30b-a3b_12layers.json" 2>&1 | tee "$out/decode_qwen3.log"
   ;;
 gpu-tests)
   # shellcheck disable=SC2086

@@ -22,6 +22,7 @@ import itertools
 import json
 import weakref
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,6 +39,32 @@ STEP_COMPILE: dict[str, dict[str, Any]] = {"cuda": {"mode": "reduce-overhead"}, 
 with ``fullgraph=True``. On CUDA each step replays as a CUDA graph: an eager optimisation step launches a few hundred
 small kernels from Python (forward and backward through the critical layers), which bounds it by the host, not the
 GPU."""
+
+
+def compile_step(fn: Callable[[], torch.Tensor], device_type: str, eager: str) -> Callable[[], torch.Tensor]:
+    """``fn`` (an optimisation step's forward, returning a tensor) compiled as one graph (``fullgraph=True``, the
+    :data:`STEP_COMPILE` options of ``device_type``), returning a copy of its output: a CUDA graph's output lives in
+    its memory pool, which the next replay overwrites. Dynamo keeps the graphs by ``fn``'s code, so a step made
+    again (a new closure or bound method of the same code) reuses them where its guards hold.
+
+    A step that does not compile as one graph raises a ``RuntimeError`` that says so and names ``eager``, the
+    setting that runs the same steps eagerly: a graph break would split the forward into pieces run in between
+    eagerly, where a replayed CUDA graph no longer pays off and the routing's per-call state is not in place."""
+    compiled = torch.compile(fn, fullgraph=True, **STEP_COMPILE.get(device_type, STEP_COMPILE["default"]))
+
+    def step() -> torch.Tensor:
+        try:
+            out = compiled()
+        except torch._dynamo.exc.TorchDynamoException as exc:
+            lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+            reason = " ".join(lines[:2])[:300] if lines else type(exc).__name__
+            raise RuntimeError(
+                f"compiled steps need each step to compile as one graph, and this model's does not ({reason}); use "
+                f"{eager} (the same steps, eager)"
+            ) from exc
+        return out.clone()
+
+    return step
 
 
 class _PassThrough(nn.Module):
@@ -299,10 +326,7 @@ class SuffixScorer:
         self.rows_run = 0
         self._compiled: Any = None  # the compiled _logprobs, with ``compiled``
         if compiled:
-            options = STEP_COMPILE.get(batch.input_ids.device.type, STEP_COMPILE["default"])
-            # one graph or none: a graph break would split the forward into pieces run in between eagerly, where
-            # a replayed CUDA graph no longer pays off and the routing's per-call state is not in place
-            self._compiled = torch.compile(self._logprobs, fullgraph=True, **options)
+            self._compiled = compile_step(self._logprobs, batch.input_ids.device.type, "recompute='suffix'")
 
     def _run(self, columns: slice, cache: DynamicCache, rows: list[int] | None = None) -> torch.Tensor:
         batch = self.batch
@@ -428,19 +452,7 @@ class SuffixScorer:
 
     def __call__(self) -> torch.Tensor:
         """Summed log-probability of each row's continuation ``[B]`` under the current routing state."""
-        if self._compiled is None:
-            return self._logprobs()
-        try:
-            out = self._compiled()
-        except torch._dynamo.exc.TorchDynamoException as exc:
-            lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-            reason = " ".join(lines[:2])[:300] if lines else type(exc).__name__
-            raise RuntimeError(
-                "recompute='suffix-compiled' needs each step to compile as one graph, and this model's does not "
-                f"({reason}); use recompute='suffix' (the same steps, eager)"
-            ) from exc
-        # a CUDA graph's output lives in its memory pool, which the next replay overwrites: callers keep a copy
-        return out.clone()
+        return self._logprobs() if self._compiled is None else self._compiled()
 
     def _logprobs(self) -> torch.Tensor:
         cache = cache_holding(self.prefix_kv)  # a fresh cache per step: the prefix stays a constant of the graph

@@ -439,3 +439,66 @@ class HostReads(TorchFunctionMode):
         if getattr(func, "__name__", "") in self.READS and sys._getframe(1).f_code.co_filename.startswith(self.package):
             self.count += 1
         return func(*args, **(kwargs or {}))
+
+
+@pytest.fixture
+def steps_with_aot_eager(monkeypatch):
+    """Compiled steps traced as on any device (dynamo + AOTAutograd) without Inductor's code generation; experts as
+    ``batched_mm`` (transformers 5.17's CPU ``grouped_mm`` reads group sizes on the host in its backward)."""
+    import reroute.prefix
+
+    monkeypatch.setitem(reroute.prefix.STEP_COMPILE, "default", {"backend": "aot_eager"})
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("family", ["olmoe", "qwen3_moe", "deepseek_v3"])
+def test_compiled_adaptation_steps_equal_eager_steps(family, steps_with_aot_eager):
+    """compile_steps=True (each phase step compiled, gradients through the graph) gives the eager phases' δ and
+    losses and the same tokens; a second call with the same shapes compiles nothing."""
+    from torch._dynamo.utils import counters
+
+    from reroute.compat import set_experts_implementation
+
+    model = tiny_model(family)
+    for module in model.modules():
+        if hasattr(module, "gate_up_proj"):
+            set_experts_implementation(module.config, "batched_mm")
+    rm = reroute.attach(model)
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, 96, (2, 10), generator=gen)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0  # left padding
+    call = dict(input_ids=ids, attention_mask=mask, max_new_tokens=7, do_sample=False, pad_token_id=0)
+    outputs, phases, graphs = {}, {}, []
+    for compiled in (False, True, True):
+        rerouter = Rerouter(rm, interval=3, steps=3, lr=0.2, compile_steps=compiled)
+        before = counters["stats"]["unique_graphs"]
+        outputs[compiled] = rerouter.generate(**call)
+        phases[compiled] = list(rerouter.phases)
+        if compiled:
+            graphs.append(counters["stats"]["unique_graphs"] - before)
+    assert torch.equal(outputs[True], outputs[False])
+    assert len(phases[True]) == len(phases[False]) >= 2
+    for got, want in zip(phases[True], phases[False]):
+        torch.testing.assert_close(got.loss_after, want.loss_after, rtol=0, atol=1e-5)
+    assert graphs[0] >= 2 and graphs[1] == 0, graphs  # with and without gradients; then reused
+
+
+def test_compiled_adaptation_step_that_does_not_compile_says_so(context, steps_with_aot_eager):
+    """A graph break in the step is a clear error naming the eager setting, and the call's routing state goes
+    back."""
+    from reroute.prefix import decoder_layers
+
+    rm = reroute.attach(tiny_model("olmoe"))
+    ids, mask = context
+    handle = decoder_layers(rm)[-1].register_forward_hook(lambda *args: torch._dynamo.graph_break())
+    try:
+        with pytest.raises(RuntimeError, match="compile as one graph.*compile_steps=False"):
+            Rerouter(rm, interval=4, steps=2, compile_steps=True).generate(
+                input_ids=ids, attention_mask=mask, max_new_tokens=3, pad_token_id=0
+            )
+    finally:
+        handle.remove()
+    assert all(rm.layer(i).row_offsets is None for i in rm.moe_layers)  # the call's state went back

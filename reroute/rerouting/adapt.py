@@ -16,7 +16,7 @@ import torch
 
 from reroute.attach import RoutedModel
 from reroute.frozen import frozen, frozen_weights
-from reroute.prefix import PrefixCache
+from reroute.prefix import PrefixCache, compile_step
 from reroute.rerouting.config import RerouterConfig
 from reroute.routing.layer import expand_rows
 from reroute.scoring import next_token_logprobs, padded_logits
@@ -184,11 +184,15 @@ def adapt_phase(
     forwards = backwards = 0
     before = None
     first_layer = min(order) if config.reuse_prefix else 0
-    run = lambda: context_loss(rm, input_ids, attention_mask)
+
+    def run() -> torch.Tensor:
+        return context_loss(rm, input_ids, attention_mask)
+
+    loss_of = compile_step(run, input_ids.device.type, "compile_steps=False") if config.compile_steps else run
     with frozen_weights(rm.model), frozen(rm.offsets.parameters()), PrefixCache(rm, first_layer, run):
         for _ in range(config.steps):
             install_row_offsets(rm, order, param, base, checked=False)
-            loss = context_loss(rm, input_ids, attention_mask)
+            loss = loss_of()
             forwards += 1
             if before is None:
                 before = loss.detach()
@@ -209,7 +213,7 @@ def adapt_phase(
                 param.copy_(torch.where(finite, param, last_good))  # after a non-finite loss δ stays put
         with torch.no_grad():
             install_row_offsets(rm, order, param, base, checked=False)
-            after = context_loss(rm, input_ids, attention_mask).cpu()
+            after = loss_of().cpu()
             forwards += 1
         rolled_back = not bool(finite)
         if not torch.isfinite(after).all():
@@ -217,7 +221,7 @@ def adapt_phase(
             with torch.no_grad():
                 param.copy_(last_good)
                 install_row_offsets(rm, order, param, base, checked=False)
-                after = context_loss(rm, input_ids, attention_mask).cpu()
+                after = loss_of().cpu()
             forwards += 1
     if rolled_back:
         warnings.warn(

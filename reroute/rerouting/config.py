@@ -34,6 +34,14 @@ class RerouterConfig:
         default=True, metadata={"help": "re-prefill the KV cache under the new routing (False: keep the stale cache)"}
     )
     reuse_prefix: bool = field(default=True, metadata={"help": "run the layers below the first adapted layer once"})
+    compile_steps: bool = field(
+        default=False,
+        metadata={
+            "help": "compile each adaptation step's forward and backward as one graph (a CUDA graph on CUDA; an "
+            "eager step launches every layer's small kernels from Python, which bounds it by the host at small "
+            "batches); the first phases of each context length compile"
+        },
+    )
 
     def __post_init__(self) -> None:
         if not isinstance(self.interval, int) or isinstance(self.interval, bool) or self.interval < 1:

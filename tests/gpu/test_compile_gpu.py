@@ -139,6 +139,26 @@ def test_c3po_compiled_steps_with_kernels_equal_eager_steps(surrogate: str) -> N
             assert diff <= 1e-4, f"call {call}: mixing weights differ by {diff}"
 
 
+def test_rerouter_compiled_adaptation_steps_with_kernels_equal_eager_steps() -> None:
+    """Rerouter(compile_steps=True) on CUDA (Inductor, each adaptation step a CUDA graph, gradients through reroute's
+    expert kernel): the eager steps' tokens and phase losses, in fp32; a second call records nothing new."""
+    rm = reroute.attach(tiny_model("olmoe").cuda().eval())
+    ids = torch.randint(3, 96, (2, 10), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+    kwargs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=9, do_sample=False,
+                  pad_token_id=0)  # fmt: skip
+    eager = reroute.Rerouter(rm, interval=4, steps=3, lr=0.2)
+    want = eager.generate(**kwargs)
+    for call in range(2):
+        compiled = reroute.Rerouter(rm, interval=4, steps=3, lr=0.2, compile_steps=True)
+        before = counters["stats"]["unique_graphs"]
+        got = compiled.generate(**kwargs)
+        if call == 1:
+            assert counters["stats"]["unique_graphs"] == before
+        assert torch.equal(got, want)
+        for phase_got, phase_want in zip(compiled.phases, eager.phases):
+            torch.testing.assert_close(phase_got.loss_after, phase_want.loss_after, rtol=0, atol=1e-4)
+
+
 def test_late_stop_on_cuda_equals_the_waiting_loop(monkeypatch: pytest.MonkeyPatch) -> None:
     """decode()'s LateStop (pinned flag + event, read one step late) against reading the flag every step."""
     import reroute.generation as generation
