@@ -32,7 +32,7 @@ from transformers import DynamicCache
 
 from reroute.attach import RoutedModel
 from reroute.compat import CACHE_KWARG, cache_holding
-from reroute.scoring import ContinuationBatch
+from reroute.scoring import ContinuationBatch, mask_positions, suffix_continuation_logprobs
 
 STEP_COMPILE: dict[str, dict[str, Any]] = {"cuda": {"mode": "reduce-overhead"}, "default": {}}
 """``torch.compile`` options of a compiled :class:`SuffixScorer` step by device type (``"default"``: any other), always
@@ -319,7 +319,7 @@ class SuffixScorer:
         if not 0 < start < batch.prompt_len:
             raise ValueError(f"suffix start must be in (0, {batch.prompt_len}), got {start}")
         self.rm, self.batch, self.first_layer, self.start, self.store = rm, batch, first_layer, start, store
-        self.position_ids = (batch.attention_mask.cumsum(-1) - 1).clamp(min=0)
+        self.position_ids = mask_positions(batch.attention_mask)
         self.prefix_kv: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.layers = decoder_layers(rm)
         self.saved: list[nn.Module] = []
@@ -456,10 +456,7 @@ class SuffixScorer:
 
     def _logprobs(self) -> torch.Tensor:
         cache = cache_holding(self.prefix_kv)  # a fresh cache per step: the prefix stays a constant of the graph
-        logits = self._run(slice(self.start, None), cache)
-        targets = self.batch.input_ids[:, self.start + 1 :]
-        logprobs = torch.log_softmax(logits[:, :-1].float(), dim=-1).gather(-1, targets[..., None])[..., 0]
-        return (logprobs * self.batch.target_mask[:, self.start + 1 :]).sum(-1)
+        return suffix_continuation_logprobs(self._run(slice(self.start, None), cache), self.batch, self.start)
 
     def __exit__(self, *exc: object) -> None:
         _restore(self.layers, self.saved)

@@ -74,10 +74,16 @@ def build_batch(
     return ContinuationBatch(input_ids, attention_mask, target_mask, prompt_len)
 
 
+def mask_positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids ``[B, T]`` that follow the attention mask (as ``generate()`` gives them for left padding): a
+    row's first real token is position 0 however much padding its batch needed."""
+    return (attention_mask.cumsum(-1) - 1).clamp(min=0)
+
+
 def padded_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Logits ``[B, T, V]`` of a padded batch, no KV cache. Position ids follow the attention mask (as
-    ``generate()`` does for left padding), so a row's result does not depend on how much padding its batch needed."""
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    """Logits ``[B, T, V]`` of a padded batch, no KV cache. Position ids follow the attention mask
+    (:func:`mask_positions`), so a row's result does not depend on how much padding its batch needed."""
+    position_ids = mask_positions(attention_mask)
     return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False).logits
 
 
@@ -92,6 +98,14 @@ def continuation_logprobs(model: nn.Module, batch: ContinuationBatch) -> torch.T
     """Sum of the log-probabilities of each row's continuation tokens ``[B]`` (differentiable)."""
     token_lp = next_token_logprobs(model, batch.input_ids, batch.attention_mask)
     return (token_lp * batch.target_mask[:, 1:]).sum(-1)
+
+
+def suffix_continuation_logprobs(logits: torch.Tensor, batch: ContinuationBatch, start: int) -> torch.Tensor:
+    """:func:`continuation_logprobs` ``[B]`` from the logits of columns ``start:`` of ``batch`` only (a forward on a
+    KV cache of the first ``start`` columns, which hold no scored token)."""
+    targets = batch.input_ids[:, start + 1 :]
+    logprobs = torch.log_softmax(logits[:, :-1].float(), dim=-1).gather(-1, targets[..., None])[..., 0]
+    return (logprobs * batch.target_mask[:, start + 1 :]).sum(-1)
 
 
 PromptKV = list[tuple[torch.Tensor, torch.Tensor]]
@@ -119,7 +133,7 @@ def prompt_forward_kv(
     out = model(
         input_ids=input_ids,
         attention_mask=attention_mask,
-        position_ids=(attention_mask.cumsum(-1) - 1).clamp(min=0),
+        position_ids=mask_positions(attention_mask),
         use_cache=True,
         logits_to_keep=1,  # left padding: the last column is every prompt's last token
         **{CACHE_KWARG: cache},
@@ -129,15 +143,16 @@ def prompt_forward_kv(
 
 
 def shares_prompts(batch: ContinuationBatch, prompts: ContinuationBatch) -> bool:
-    """Whether ``batch`` (``n`` rows per prompt, item-major) holds, in its prompt columns, exactly the rows of
-    ``prompts`` (the same tokens, the same padding), so that :func:`continuation_logprobs_from` may reuse their KV."""
+    """Whether every group of ``n`` consecutive rows of ``batch`` (item-major) holds, in its prompt columns, exactly
+    the matching row of ``prompts`` (the same tokens, the same padding), so that :func:`continuation_logprobs_from`
+    may reuse their KV."""
     rows = prompts.input_ids.shape[0]
     if batch.prompt_len != prompts.prompt_len or rows == 0 or batch.input_ids.shape[0] % rows:
         return False
     n = batch.input_ids.shape[0] // rows
     p = batch.prompt_len
-    return torch.equal(batch.input_ids[::n, :p], prompts.input_ids[:, :p]) and torch.equal(
-        batch.attention_mask[::n, :p], prompts.attention_mask[:, :p]
+    return torch.equal(batch.input_ids[:, :p], prompts.input_ids[:, :p].repeat_interleave(n, 0)) and torch.equal(
+        batch.attention_mask[:, :p], prompts.attention_mask[:, :p].repeat_interleave(n, 0)
     )
 
 
@@ -175,18 +190,14 @@ def continuation_logprobs_from(model: nn.Module, batch: ContinuationBatch, prefi
     repeats, left = divmod(batch.input_ids.shape[0], prefix[0][0].shape[0])
     if left:
         raise ValueError(f"{batch.input_ids.shape[0]} rows do not split into {prefix[0][0].shape[0]} prompts")
-    cache = _SharedPrefix(prefix, repeats)
-    position_ids = (batch.attention_mask.cumsum(-1) - 1).clamp(min=0)
     logits = model(
         input_ids=batch.input_ids[:, columns:],
         attention_mask=batch.attention_mask,
-        position_ids=position_ids[:, columns:],
+        position_ids=mask_positions(batch.attention_mask)[:, columns:],
         use_cache=True,
-        **{CACHE_KWARG: cache},
+        **{CACHE_KWARG: _SharedPrefix(prefix, repeats)},
     ).logits
-    targets = batch.input_ids[:, columns + 1 :]
-    logprobs = torch.log_softmax(logits[:, :-1].float(), dim=-1).gather(-1, targets[..., None])[..., 0]
-    return (logprobs * batch.target_mask[:, columns + 1 :]).sum(-1)
+    return suffix_continuation_logprobs(logits, batch, columns)
 
 
 def continuation_logprobs_shared(model: nn.Module, batch: ContinuationBatch, n: int) -> torch.Tensor:
@@ -201,10 +212,7 @@ def continuation_logprobs_shared(model: nn.Module, batch: ContinuationBatch, n: 
     if p < 2:
         return continuation_logprobs(model, batch)
     ids, mask = batch.input_ids[::n, :p], batch.attention_mask[::n, :p]
-    if not (
-        torch.equal(batch.input_ids[:, :p], ids.repeat_interleave(n, 0))
-        and torch.equal(batch.attention_mask[:, :p], mask.repeat_interleave(n, 0))
-    ):
+    if not shares_prompts(batch, ContinuationBatch(ids, mask, torch.zeros_like(ids, dtype=torch.bool), p)):
         raise ValueError(f"each group of n={n} consecutive rows must share one prompt (tokens and padding)")
     _, prefix = prompt_forward_kv(model, ids, mask, p - 1)
     return continuation_logprobs_from(model, batch, prefix)

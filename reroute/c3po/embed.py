@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from reroute.attach import RoutedModel
-from reroute.scoring import ContinuationBatch, PromptKV, prompt_batch, prompt_forward_kv
+from reroute.scoring import ContinuationBatch, PromptKV, mask_positions, prompt_batch, prompt_forward_kv
 
 
 def _normalise(x: torch.Tensor) -> torch.Tensor:
@@ -44,7 +44,7 @@ class HiddenStateEmbedder:
             out = rm.model(
                 input_ids=batch.input_ids,
                 attention_mask=batch.attention_mask,
-                position_ids=(batch.attention_mask.cumsum(-1) - 1).clamp(min=0),
+                position_ids=mask_positions(batch.attention_mask),
                 output_hidden_states=True,
             )
         return _mean_hidden(out.hidden_states[-1], batch.attention_mask)
@@ -289,7 +289,7 @@ def prompt_forward(
                 out = rm.model(
                     input_ids=batch.input_ids,
                     attention_mask=batch.attention_mask,
-                    position_ids=(batch.attention_mask.cumsum(-1) - 1).clamp(min=0),
+                    position_ids=mask_positions(batch.attention_mask),
                     use_cache=False,
                     logits_to_keep=1,  # left padding: the last column is every prompt's last token
                 )

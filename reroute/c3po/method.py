@@ -351,6 +351,12 @@ class C3PO(RoutingMethod):
         batch = gold_batch(self.tokenizer, flat).to(self.rm.model.device)
         return batch, self._last_positions(batch.prompt_len)
 
+    def _unmixed_columns(self, prompt_len: int) -> int | None:
+        """How many first prompt columns no re-mixing touches (the prompt forward's KV of them serves the scoring
+        or generation forward); ``None`` when the re-mixing starts at the first column."""
+        first_remixed = int(self._last_positions(prompt_len)[0, 0])
+        return first_remixed if first_remixed > 0 else None
+
     def _last_positions(self, prompt_len: int) -> torch.Tensor:
         n = min(self.config.last_tokens, prompt_len)
         return torch.arange(prompt_len - n, prompt_len)[None]
@@ -412,8 +418,7 @@ class C3PO(RoutingMethod):
         self._check_context(batch.input_ids.shape[1], "a prompt with its longest choice")
         shared = None
         if adaptation is None:
-            first_remixed = int(self._last_positions(batch.prompt_len)[0, 0])
-            adaptation, shared = self._adapt(items, prefix_columns=first_remixed if first_remixed > 0 else None)
+            adaptation, shared = self._adapt(items, prefix_columns=self._unmixed_columns(batch.prompt_len))
         prefix = shared[1] if shared is not None and shares_prompts(batch, shared[0]) else None
         with self.rm.exclusive("C3PO.score_choices"):  # the re-mixing stays on the model for the forward
             self.apply(adaptation, batch.prompt_len, total_len=batch.input_ids.shape[1])
@@ -475,10 +480,10 @@ class C3PO(RoutingMethod):
         prompt_len = input_ids.shape[1]
         shared = None
         if adaptation is None:
-            first_remixed = int(self._last_positions(prompt_len)[0, 0])
-            reuse = first_remixed > 0 and self._starts_from_an_empty_dynamic_cache(generate_kwargs)
+            reuse = self._starts_from_an_empty_dynamic_cache(generate_kwargs)
             tokens = {} if prompts is not None else {"input_ids": input_ids, "attention_mask": attention_mask}
-            adaptation, shared = self._adapt(texts, **tokens, prefix_columns=first_remixed if reuse else None)
+            columns = self._unmixed_columns(prompt_len) if reuse else None
+            adaptation, shared = self._adapt(texts, **tokens, prefix_columns=columns)
         device = self.rm.model.device
         if shared is not None:  # the prompt forward ran these very tokens
             generate_kwargs = {**generate_kwargs, CACHE_KWARG: cache_holding(shared[1])}
